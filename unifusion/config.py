@@ -1,0 +1,206 @@
+"""Configuration dataclasses for UniFusion.
+
+A checkpoint stores one `UniFusionConfig` as JSON in its safetensors metadata, so the
+loader can rebuild the modules and check that the VLM in use is the one the checkpoint
+was trained with.
+
+Layer numbering convention (used everywhere in the project): layer ``k`` means the
+output of decoder layer ``k`` counted from 1, i.e. ``hidden_states[k]`` of a
+transformers model for every ``k`` below the layer count, captured *before* any final
+norm (for ``k == num_layers`` transformers applies the final norm, our hooks do not).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def default_layer_selection(num_layers: int, every: int = 3) -> tuple[int, ...]:
+    """Every ``every``-th layer starting at ``every + 1``: for 32 layers and N=3 this is
+    4, 7, ..., 31 as in the paper (first and last layers carry little for generation)."""
+    if num_layers < 1:
+        raise ConfigError(f"num_layers must be >= 1, got {num_layers}")
+    if every < 1:
+        raise ConfigError(f"layer stride must be >= 1, got {every}")
+    layers = tuple(range(every + 1, num_layers, every))
+    # Tiny models may have fewer layers than the stride: fall back to the middle layer.
+    return layers or (max(1, num_layers // 2),)
+
+
+@dataclass(frozen=True)
+class VLMIdentity:
+    """What a checkpoint expects of its frozen VLM encoder."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    selected_layers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selected_layers", tuple(int(i) for i in self.selected_layers))
+        if not self.selected_layers:
+            raise ConfigError("VLMIdentity.selected_layers is empty: select at least one layer")
+        bad = [i for i in self.selected_layers if not 1 <= i <= self.num_layers]
+        if bad:
+            raise ConfigError(
+                f"selected layers {bad} are outside 1..{self.num_layers} for a {self.num_layers}-layer VLM"
+            )
+
+    def mismatches(self, other: "VLMIdentity") -> list[str]:
+        """Fields that differ, each as 'name: expected X, found Y' (empty when compatible)."""
+        out = []
+        for name in ("architecture", "num_layers", "hidden_size"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"{name}: expected {a}, found {b}")
+        return out
+
+
+@dataclass(frozen=True)
+class LAPConfig:
+    """Layerwise Attention Pooling plus the bidirectional refiner."""
+
+    vlm_hidden_size: int
+    num_vlm_layers: int  # L: how many VLM layers are stacked per token
+    out_dim: int  # DiT width the condition tokens are projected to
+    num_heads: int = 8
+    num_blocks: int = 2  # transformer blocks attending across the layer axis
+    refiner_blocks: int = 2  # bidirectional blocks over the condition tokens
+    refiner_heads: int = 8
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("vlm_hidden_size", "num_vlm_layers", "out_dim", "num_heads", "refiner_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"LAPConfig.{name} must be >= 1")
+        if self.vlm_hidden_size % self.num_heads:
+            raise ConfigError(
+                f"LAPConfig: vlm_hidden_size {self.vlm_hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.vlm_hidden_size % self.refiner_heads:
+            raise ConfigError(
+                f"LAPConfig: vlm_hidden_size {self.vlm_hidden_size} is not divisible by refiner_heads {self.refiner_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Single-stream DiT over [condition tokens; latent tokens]."""
+
+    in_channels: int = 16  # latent channels (16 for the FLUX VAE)
+    patch_size: int = 2
+    hidden_size: int = 1024
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    time_embed_dim: int = 256  # width of the timestep embedding feeding adaLN
+    rope_axes: tuple[int, int, int] = (16, 24, 24)  # (condition index, latent row, latent column); sums to head dim
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rope_axes", tuple(int(a) for a in self.rope_axes))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"DiTConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.rope_axes) != head_dim or any(a % 2 for a in self.rope_axes):
+            raise ConfigError(
+                f"DiTConfig: rope_axes {self.rope_axes} must be even and sum to the head dim {head_dim}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class UniFusionConfig:
+    """Everything needed to rebuild DiT+LAP and check the VLM they were trained with."""
+
+    vlm: VLMIdentity
+    lap: LAPConfig
+    dit: DiTConfig
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. training VAE name)
+
+    def __post_init__(self) -> None:
+        if self.lap.num_vlm_layers != len(self.vlm.selected_layers):
+            raise ConfigError(
+                f"LAP expects {self.lap.num_vlm_layers} layers but the VLM selection has "
+                f"{len(self.vlm.selected_layers)} ({list(self.vlm.selected_layers)})"
+            )
+        if self.lap.vlm_hidden_size != self.vlm.hidden_size:
+            raise ConfigError(
+                f"LAP input width {self.lap.vlm_hidden_size} differs from VLM hidden size {self.vlm.hidden_size}"
+            )
+        if self.lap.out_dim != self.dit.hidden_size:
+            raise ConfigError(f"LAP output width {self.lap.out_dim} differs from DiT width {self.dit.hidden_size}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "UniFusionConfig":
+        try:
+            raw = json.loads(text)
+            return cls(
+                vlm=_build(VLMIdentity, raw["vlm"]),
+                lap=_build(LAPConfig, raw["lap"]),
+                dit=_build(DiTConfig, raw["dit"]),
+                extra=dict(raw.get("extra", {})),
+            )
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"unreadable UniFusion config ({exc}); the checkpoint metadata is damaged") from exc
+
+
+def _build(cls: type, raw: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no fields {sorted(unknown)}; the checkpoint is from a newer version")
+    return cls(**raw)
+
+
+def make_config(
+    vlm: VLMIdentity,
+    dit: DiTConfig,
+    lap_heads: int = 8,
+    refiner_blocks: int = 2,
+    extra: dict[str, Any] | None = None,
+) -> UniFusionConfig:
+    """Build a consistent config whose LAP matches the VLM and the DiT."""
+    lap = LAPConfig(
+        vlm_hidden_size=vlm.hidden_size,
+        num_vlm_layers=len(vlm.selected_layers),
+        out_dim=dit.hidden_size,
+        num_heads=lap_heads,
+        refiner_heads=lap_heads,
+        refiner_blocks=refiner_blocks,
+    )
+    return UniFusionConfig(vlm=vlm, lap=lap, dit=dit, extra=dict(extra or {}))
+
+
+def tiny_preset(vlm: VLMIdentity | None = None) -> UniFusionConfig:
+    """A few-hundred-thousand-parameter model for tests."""
+    vlm = vlm or VLMIdentity("InternVLForConditionalGeneration", 8, 64, default_layer_selection(8))
+    dit = DiTConfig(in_channels=4, patch_size=1, hidden_size=64, depth=2, num_heads=4, time_embed_dim=32,
+                    rope_axes=(4, 6, 6))
+    return make_config(vlm, dit, lap_heads=4, refiner_blocks=1)
+
+
+def paper_preset() -> UniFusionConfig:
+    """InternVL2.5-8B encoder (InternLM2.5-7B language model: 32 layers, width 4096) and an
+    ~8B single-stream DiT+LAP on the 16-channel FLUX VAE latent."""
+    vlm = VLMIdentity("InternVLForConditionalGeneration", 32, 4096, default_layer_selection(32))
+    dit = DiTConfig(in_channels=16, patch_size=2, hidden_size=4096, depth=32, num_heads=32,
+                    time_embed_dim=1024, rope_axes=(32, 48, 48))
+    return make_config(vlm, dit, lap_heads=32, refiner_blocks=2)
+
+
+PRESETS = {"tiny": tiny_preset, "paper": paper_preset}
