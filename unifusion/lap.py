@@ -1,0 +1,224 @@
+"""Layerwise Attention Pooling (LAP) and the bidirectional condition refiner.
+
+For each condition token the hidden states of the L selected VLM layers form a short
+sequence. LAP lets them attend to each other (the paper finds tokens favour clusters of
+adjacent layers) and an FC layer over the flattened (L*H) gives one vector per token.
+The refiner then mixes the tokens bidirectionally, countering the VLM's causal position
+bias, and projects to the DiT width. Neither depends on the timestep: they run once per
+prompt.
+
+Per-layer gains are an artist control: gain ``g_j`` adds ``log(g_j)`` to layer j's
+attention logits (as a key) and multiplies layer j's pooled state before the FC, so
+``g_j = 0`` removes layer j exactly and ``g_j > 1`` strengthens it.
+
+Refiner positions: 1D RoPE over the index of each token among the *real* tokens of its
+row (cumulative sum of the mask), so padding anywhere in the row never shifts or
+changes the real tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import (
+    AttentionFn,
+    FeedForward,
+    SelfAttention,
+    key_padding_bias,
+    masked_bias_value,
+    rope_frequencies,
+)
+from .config import LAPConfig
+
+REFINER_ROPE_THETA = 10000.0
+
+Gains = Union[Tensor, Sequence[float], None]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        dtype=None,
+        device=None,
+        operations=None,
+        attention: Optional[AttentionFn] = None,
+    ) -> None:
+        super().__init__()
+        operations = operations or nn
+        self.norm1 = operations.LayerNorm(dim, eps=1e-6, dtype=dtype, device=device)
+        self.attn = SelfAttention(dim, num_heads, dtype=dtype, device=device, operations=operations,
+                                  attention=attention)
+        self.norm2 = operations.LayerNorm(dim, eps=1e-6, dtype=dtype, device=device)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio), dtype=dtype, device=device, operations=operations)
+
+    def forward(self, x: Tensor, freqs: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), freqs=freqs, mask=mask)  # (B, N, D)
+        return x + self.mlp(self.norm2(x))  # (B, N, D)
+
+
+def validate_gains(gains: Gains, num_layers: int, like: Tensor) -> Optional[Tensor]:
+    """Check per-layer gains and return them as a (L,) tensor on ``like``'s device, or None
+    when they are absent or all ones (the untouched model, computed exactly)."""
+    if gains is None:
+        return None
+    g = torch.as_tensor(gains, dtype=torch.float32).to(like.device)
+    if g.ndim != 1 or g.shape[0] != num_layers:
+        raise ValueError(
+            f"LAP gains must be one value per selected VLM layer ({num_layers}), got shape {tuple(g.shape)}; "
+            "pass a list of that length or None"
+        )
+    if not torch.isfinite(g).all() or (g < 0).any():
+        raise ValueError(f"LAP gains must be finite and >= 0 (0 drops a layer), got {g.tolist()}")
+    if not (g > 0).any():
+        raise ValueError("LAP gains are all zero, which drops every layer; keep at least one gain above 0")
+    if bool((g == 1).all()):
+        return None
+    return g
+
+
+class LayerwiseAttentionPooling(nn.Module):
+    """(B, S, L, H) VLM states of L layers per token -> (B, S, H), one vector per token."""
+
+    def __init__(
+        self,
+        cfg: LAPConfig,
+        dtype=None,
+        device=None,
+        operations=None,
+        attention: Optional[AttentionFn] = None,
+    ) -> None:
+        super().__init__()
+        operations = operations or nn
+        self.cfg = cfg
+        h, l = cfg.vlm_hidden_size, cfg.num_vlm_layers
+        self.layer_embed = nn.Parameter(torch.empty(l, h, dtype=dtype, device=device))
+        nn.init.normal_(self.layer_embed, std=0.02)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(h, cfg.num_heads, cfg.mlp_ratio, dtype=dtype, device=device, operations=operations,
+                             attention=attention)
+            for _ in range(cfg.num_blocks)
+        )
+        self.norm_out = operations.LayerNorm(h, eps=1e-6, dtype=dtype, device=device)
+        self.fc = operations.Linear(l * h, h, bias=True, dtype=dtype, device=device)
+
+    def forward(self, features: Tensor, gains: Gains = None) -> Tensor:
+        b, s, l, h = _check_features(features, self.cfg)
+        g = validate_gains(gains, l, features)
+        x = features.reshape(b * s, l, h)  # (B*S, L, H)
+        # VLM states carry huge outlier channels: normalise each layer's vector on its own.
+        x = F.rms_norm(x.float(), (h,), eps=1e-6).to(features.dtype)  # (B*S, L, H)
+        x = x + self.layer_embed.to(dtype=x.dtype, device=x.device)  # (B*S, L, H)
+        bias = None
+        if g is not None:
+            log_g = torch.where(g > 0, g.clamp_min(1e-30).log(), torch.full_like(g, masked_bias_value(x.dtype)))
+            bias = log_g.to(x.dtype).view(1, 1, 1, l)  # key bias over the layer axis
+        for block in self.blocks:
+            x = block(x, mask=bias)  # (B*S, L, H)
+        x = self.norm_out(x)  # (B*S, L, H)
+        if g is not None:
+            x = x * g.to(x.dtype).view(1, l, 1)
+        return self.fc(x.reshape(b * s, l * h)).view(b, s, h)  # (B, S, H)
+
+
+class ConditionRefiner(nn.Module):
+    """Bidirectional blocks over the condition tokens, then Linear(H -> out_dim)."""
+
+    def __init__(
+        self,
+        cfg: LAPConfig,
+        dtype=None,
+        device=None,
+        operations=None,
+        attention: Optional[AttentionFn] = None,
+    ) -> None:
+        super().__init__()
+        operations = operations or nn
+        h = cfg.vlm_hidden_size
+        self.head_dim = h // cfg.refiner_heads
+        self.blocks = nn.ModuleList(
+            TransformerBlock(h, cfg.refiner_heads, cfg.mlp_ratio, dtype=dtype, device=device, operations=operations,
+                             attention=attention)
+            for _ in range(cfg.refiner_blocks)
+        )
+        self.norm_out = operations.LayerNorm(h, eps=1e-6, dtype=dtype, device=device)
+        self.proj = operations.Linear(h, cfg.out_dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        b, s, _ = x.shape
+        if mask is None:
+            pos = torch.arange(s, device=x.device).expand(b, s)
+            bias = None
+        else:
+            pos = (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # index among real tokens
+            bias = None if bool(mask.all()) else key_padding_bias(mask, x.dtype)  # (B, 1, 1, S)
+        freqs = rope_frequencies(pos[..., None].float(), (self.head_dim,), REFINER_ROPE_THETA)
+        for block in self.blocks:
+            x = block(x, freqs=freqs, mask=bias)  # (B, S, H)
+        return self.proj(self.norm_out(x))  # (B, S, out_dim)
+
+
+class LAPConditioner(nn.Module):
+    """LAP + refiner: VLM features (B, S, L, H) and mask (B, S) -> condition tokens (B, S, out_dim)."""
+
+    def __init__(
+        self,
+        cfg: LAPConfig,
+        dtype=None,
+        device=None,
+        operations=None,
+        attention: Optional[AttentionFn] = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.pool = LayerwiseAttentionPooling(cfg, dtype=dtype, device=device, operations=operations,
+                                              attention=attention)
+        self.refiner = ConditionRefiner(cfg, dtype=dtype, device=device, operations=operations,
+                                        attention=attention)
+
+    def forward(self, features: Tensor, mask: Optional[Tensor] = None, gains: Gains = None) -> Tensor:
+        b, s, _, h = _check_features(features, self.cfg)
+        if mask is None:
+            mask = torch.ones(b, s, dtype=torch.bool, device=features.device)
+        if mask.shape != (b, s) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"LAP mask must be a (B, S) = {(b, s)} bool tensor (True = real token), "
+                f"got {tuple(mask.shape)} {mask.dtype}"
+            )
+        if s == 0:
+            return features.new_zeros(b, 0, self.cfg.out_dim)
+        if bool(mask.all()):
+            pooled = self.pool(features, gains)  # (B, S, H)
+        else:
+            # Pool only the real tokens: LAP is per token, padding would be wasted work.
+            pooled = features.new_zeros(b, s, h)
+            pooled[mask] = self.pool(features[mask].unsqueeze(0), gains)[0].to(pooled.dtype)
+        out = self.refiner(pooled, mask)  # (B, S, out_dim)
+        return out.masked_fill(~mask[..., None], 0.0)
+
+
+def _check_features(features: Tensor, cfg: LAPConfig) -> tuple[int, int, int, int]:
+    if features.ndim != 4 or features.shape[2:] != (cfg.num_vlm_layers, cfg.vlm_hidden_size):
+        raise ValueError(
+            f"LAP features must be (B, S, L={cfg.num_vlm_layers}, H={cfg.vlm_hidden_size}), got "
+            f"{tuple(features.shape)}; the VLM features were captured from other layers or another VLM"
+        )
+    b, s, l, h = features.shape
+    return b, s, l, h
+
+
+__all__ = [
+    "ConditionRefiner",
+    "LAPConditioner",
+    "LayerwiseAttentionPooling",
+    "TransformerBlock",
+    "validate_gains",
+]
