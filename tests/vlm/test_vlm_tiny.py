@@ -1,0 +1,68 @@
+"""The tiny folders load with plain transformers, offline, and carry the family's tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from unifusion.vlm.tiny import TinyVLMError, build_tiny_vlm, build_tokenizer
+
+ARCH = {
+    "internvl": "InternVLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+def test_folder_loads_offline(tiny_dir, family):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir, local_files_only=True)
+    AutoImageProcessor.from_pretrained(tiny_dir, local_files_only=True)
+    assert type(model).__name__ == ARCH[family]
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert json.loads((tiny_dir / "config.json").read_text())["architectures"] == [ARCH[family]]
+    text_config = model.config.get_text_config()
+    assert (text_config.num_hidden_layers, text_config.hidden_size) == (8, 64)
+    assert text_config.vocab_size == len(tokenizer)
+    assert tokenizer.chat_template
+    image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
+    assert image_token in ("<IMG_CONTEXT>", "<|image_pad|>")
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = build_tiny_vlm(tmp_path / "a", "qwen3_vl", seed=3, num_layers=2, hidden_size=32)
+    b = build_tiny_vlm(tmp_path / "b", "qwen3_vl", seed=3, num_layers=2, hidden_size=32)
+    c = build_tiny_vlm(tmp_path / "c", "qwen3_vl", seed=4, num_layers=2, hidden_size=32)
+    wa, wb, wc = (AutoModelForImageTextToText.from_pretrained(p).state_dict() for p in (a, b, c))
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(wa[key], wb[key])
+    assert not torch.equal(wa[key], wc[key])
+
+
+def test_internvl_tokenizer_names_image_tokens():
+    tokenizer = build_tokenizer("internvl")
+    assert tokenizer.start_image_token == "<img>"
+    assert tokenizer.end_image_token == "</img>"
+    assert tokenizer.context_image_token == "<IMG_CONTEXT>"
+    ids = tokenizer("<img><IMG_CONTEXT></img>", add_special_tokens=False).input_ids
+    assert ids == [tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "<IMG_CONTEXT>", "</img>")]
+
+
+def test_custom_vocab_round_trips():
+    tokenizer = build_tokenizer("qwen2_5_vl", vocab=["zorp", "blick", "Quux", "."])
+    ids = tokenizer("Zorp blick quux.", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == "zorp blick quux ."
+    # words the template writes itself (Qwen2.5-VL's default system prompt) are always known
+    ids = tokenizer("You are a helpful assistant.", add_special_tokens=False).input_ids
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(TinyVLMError, match="unknown tiny VLM family"):
+        build_tiny_vlm(tmp_path, "llava")
+    with pytest.raises(TinyVLMError, match="hidden_size"):
+        build_tiny_vlm(tmp_path, "internvl", hidden_size=40)
