@@ -1,0 +1,162 @@
+"""Single-stream DiT: shapes, patchify reference, masks, positions, dtypes, checkpointing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unifusion.attention import sdpa_attention
+from unifusion.config import DiTConfig
+from unifusion.dit import UniFusionDiT, timestep_embedding
+
+CFG = DiTConfig(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, time_embed_dim=16,
+                rope_axes=(4, 6, 6))
+
+
+def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero weights everywhere, so zero-initialised gates do not hide mistakes."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + offset)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(UniFusionDiT(CFG)).eval()
+
+
+def inputs(b=2, s=3, h=6, w=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 4, h, w, generator=gen)
+    t = torch.rand(b, generator=gen)
+    ctx = torch.randn(b, s, 32, generator=gen)
+    return x, t, ctx
+
+
+def test_fresh_model_predicts_zero_velocity():
+    x, t, ctx = inputs()
+    out = UniFusionDiT(CFG)(x, t, ctx)
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+
+
+def test_patchify_matches_unfold_reference():
+    # hidden = C*p*p with identity embed/projection and no blocks: output = per-patch LayerNorm
+    cfg = DiTConfig(in_channels=4, patch_size=2, hidden_size=16, depth=0, num_heads=2, time_embed_dim=8,
+                    rope_axes=(2, 2, 4))
+    m = UniFusionDiT(cfg)
+    with torch.no_grad():
+        m.x_embedder.weight.copy_(torch.eye(16))
+        m.x_embedder.bias.zero_()
+        m.final_layer.linear.weight.copy_(torch.eye(16))
+    x = torch.randn(2, 4, 6, 8)
+    patches = F.unfold(x, kernel_size=2, stride=2)  # (B, C*p*p, L), channel-major, row-major patches
+    normed = F.layer_norm(patches.transpose(1, 2), (16,), eps=1e-6).transpose(1, 2)
+    ref = F.fold(normed, (6, 8), kernel_size=2, stride=2)
+    torch.testing.assert_close(m(x, torch.rand(2), None), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_odd_sizes_pad_and_crop(model):
+    x, t, ctx = inputs(h=5, w=7)
+    out = model(x, t, ctx)
+    assert out.shape == (2, 4, 5, 7)
+    padded = F.pad(x, (0, 1, 0, 1), mode="circular")
+    torch.testing.assert_close(out, model(padded, t, ctx)[:, :, :5, :7], atol=1e-5, rtol=1e-5)
+
+
+def test_padded_condition_tokens_change_nothing(model):
+    x, t, ctx = inputs(b=1, s=3)
+    ref = model(x, t, ctx)
+    padded = torch.randn(1, 6, 32) * 5
+    idx = torch.tensor([0, 2, 5])
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    padded[0, idx], mask[0, idx] = ctx[0], True
+    torch.testing.assert_close(model(x, t, padded, mask), ref, atol=1e-5, rtol=1e-5)
+    # mask all True equals no mask
+    assert torch.equal(model(x, t, ctx, torch.ones(1, 3, dtype=torch.bool)), ref)
+
+
+def test_condition_and_timestep_matter(model):
+    x, t, ctx = inputs()
+    out = model(x, t, ctx)
+    assert not torch.allclose(model(x, t, ctx * 2), out, atol=1e-4)
+    assert not torch.allclose(model(x, t * 0.5, ctx), out, atol=1e-4)
+    assert not torch.allclose(model(x, t, ctx.flip(1)), out, atol=1e-4)  # condition order matters (RoPE)
+    # scalar timestep broadcasts
+    torch.testing.assert_close(model(x, torch.tensor(0.3), ctx), model(x, torch.full((2,), 0.3), ctx))
+
+
+def test_empty_condition(model):
+    x, t, _ = inputs()
+    none = model(x, t, None)
+    torch.testing.assert_close(model(x, t, torch.zeros(2, 0, 32)), none)
+    torch.testing.assert_close(model(x, t, torch.zeros(2, 0, 32), torch.zeros(2, 0, dtype=torch.bool)), none)
+    # a fully padded condition acts like no condition
+    torch.testing.assert_close(model(x, t, torch.randn(2, 4, 32), torch.zeros(2, 4, dtype=torch.bool)), none,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_batch_elements_are_independent_and_deterministic(model):
+    x, t, ctx = inputs()
+    out = model(x, t, ctx)
+    assert torch.equal(out, model(x, t, ctx))
+    torch.testing.assert_close(model(x[1:], t[1:], ctx[1:]), out[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_forward(model):
+    x, t, ctx = inputs()
+    ref = model(x, t, ctx)
+    m16 = randomize(UniFusionDiT(CFG, dtype=torch.bfloat16)).eval()
+    out = m16(x.bfloat16(), t, ctx.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    torch.testing.assert_close(out.float(), ref, atol=0.15, rtol=0.1)
+
+
+def test_gradient_checkpointing_same_grads():
+    x, t, ctx = inputs()
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    grads = []
+    for ckpt in (False, True):
+        m = randomize(UniFusionDiT(CFG), seed=3).train()
+        m.gradient_checkpointing = ckpt
+        m(x, t, ctx, mask).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_injected_attention_is_called_once_per_block():
+    calls = []
+
+    def spy(q, k, v, heads, mask=None, skip_reshape=False):
+        calls.append(q.shape[2])
+        return sdpa_attention(q, k, v, heads, mask=mask, skip_reshape=skip_reshape)
+
+    m = UniFusionDiT(CFG, attention=spy)
+    x, t, ctx = inputs(h=4, w=4)
+    m(x, t, ctx)
+    assert calls == [3 + 4] * CFG.depth  # 3 condition tokens + 2x2 latent patches
+
+
+def test_timestep_embedding_reference():
+    t = torch.tensor([0.0, 250.0])
+    emb = timestep_embedding(t, dim=8)
+    freqs = torch.tensor([10000.0 ** (-i / 4) for i in range(4)])
+    ref = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)
+    torch.testing.assert_close(emb, ref)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [((torch.randn(1, 3, 4, 4), torch.rand(1), None), "latent channels"),
+     ((torch.randn(1, 4, 4, 4), torch.rand(1), torch.randn(1, 2, 31)), "context must be"),
+     ((torch.randn(1, 4, 4, 4), torch.rand(1), torch.randn(1, 2, 32), torch.ones(1, 2)), "context_mask"),
+     ((torch.randn(2, 4, 4, 4), torch.rand(3), None), "timesteps")],
+)
+def test_bad_inputs_raise(model, args, match):
+    with pytest.raises(ValueError, match=match):
+        model(*args)
