@@ -8,6 +8,7 @@ from torch import nn
 from unifusion.attention import sdpa_attention
 from unifusion.config import DiTConfig
 from unifusion.dit import UniFusionDiT, timestep_embedding
+from unifusion.errors import InputError
 
 CFG = DiTConfig(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, time_embed_dim=16,
                 rope_axes=(4, 6, 6))
@@ -158,5 +159,5 @@ def test_timestep_embedding_reference():
      ((torch.randn(2, 4, 4, 4), torch.rand(3), None), "timesteps")],
 )
 def test_bad_inputs_raise(model, args, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InputError, match=match):
         model(*args)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from unifusion.errors import InputError
 from unifusion.flow import (
     add_noise,
     cfg_combine,
@@ -32,7 +33,7 @@ def test_time_shift_properties():
     assert time_shift(0.3, math.exp(mu)) == pytest.approx(ref)
     # inverse: shifting by 1/s undoes s
     torch.testing.assert_close(time_shift(time_shift(t, 3.0), 1 / 3.0), t)
-    with pytest.raises(ValueError, match="> 0"):
+    with pytest.raises(InputError, match="> 0"):
         time_shift(t, 0.0)
 
 
@@ -88,7 +89,7 @@ def test_sampling_schedule():
     shifted = sampling_schedule(10, shift=3.0)
     assert shifted.shape == (11,) and shifted[0] == 1 and shifted[-1] == 0
     assert (shifted[1:] < shifted[:-1]).all()
-    with pytest.raises(ValueError, match="at least 1 step"):
+    with pytest.raises(InputError, match="at least 1 step"):
         sampling_schedule(0)
 
 

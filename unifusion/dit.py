@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionFn, FeedForward, SelfAttention, key_padding_bias, rope_frequencies
 from .config import DiTConfig
+from .errors import InputError
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (as in DiT)
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
@@ -68,7 +69,7 @@ class TimestepEmbedder(nn.Module):
         self.linear_2 = operations.Linear(out_dim, out_dim, bias=True, dtype=dtype, device=device)
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        emb = timestep_embedding(t * TIMESTEP_SCALE).to(dtype)  # (B, 256)
+        emb = timestep_embedding(t.float() * TIMESTEP_SCALE).to(dtype)  # (B, 256)
         return self.linear_2(self.act(self.linear_1(emb)))  # (B, E)
 
 
@@ -164,7 +165,7 @@ class UniFusionDiT(nn.Module):
         b, c_in, height, width = x.shape
         p, d = self.cfg.patch_size, self.cfg.hidden_size
         if c_in != self.cfg.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"UniFusionDiT expects {self.cfg.in_channels} latent channels, got {c_in}; "
                 "use the VAE this checkpoint was trained with"
             )
@@ -184,7 +185,7 @@ class UniFusionDiT(nn.Module):
 
         t = timesteps.reshape(-1).to(img.device)
         if t.shape[0] not in (1, b):
-            raise ValueError(f"UniFusionDiT timesteps must have 1 or B={b} values, got {tuple(timesteps.shape)}")
+            raise InputError(f"UniFusionDiT timesteps must have 1 or B={b} values, got {tuple(timesteps.shape)}")
         t = t.expand(b)
         cond = F.silu(self.t_embedder(t, img.dtype))  # (B, E)
 
@@ -207,12 +208,12 @@ class UniFusionDiT(nn.Module):
         if context is None:
             return img.new_zeros(b, 0, d), None
         if context.ndim != 3 or context.shape[0] != b or context.shape[2] != d:
-            raise ValueError(
+            raise InputError(
                 f"UniFusionDiT context must be (B={b}, S, D={d}), got {tuple(context.shape)}; "
                 "condition tokens come from the LAP conditioner of the same checkpoint"
             )
         if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
-            raise ValueError(
+            raise InputError(
                 f"UniFusionDiT context_mask must be a {tuple(context.shape[:2])} bool tensor (True = real token), "
                 f"got {tuple(mask.shape)} {mask.dtype}"
             )

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 VelocityFn = Callable[..., Tensor]
 """``fn(x (B, ...), t (B,), **cond) -> v (B, ...)``."""
 
@@ -28,7 +30,7 @@ def time_shift(t: TimeLike, shift: float) -> TimeLike:
     """t' = shift * t / (1 + (shift - 1) * t): shift > 1 spends more steps at high noise;
     0 and 1 stay fixed."""
     if shift <= 0:
-        raise ValueError(f"time shift must be > 0, got {shift}")
+        raise InputError(f"time shift must be > 0, got {shift}")
     return shift * t / (1 + (shift - 1) * t)
 
 
@@ -82,7 +84,7 @@ def flow_matching_loss(velocity_fn: VelocityFn, x0: Tensor, noise: Tensor, t: Te
 def sampling_schedule(steps: int, shift: float = 1.0, device: Optional[Union[str, torch.device]] = None) -> Tensor:
     """(steps + 1,) float32 times from 1 to 0, time-shifted."""
     if steps < 1:
-        raise ValueError(f"sampling needs at least 1 step, got {steps}")
+        raise InputError(f"sampling needs at least 1 step, got {steps}")
     return time_shift(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 

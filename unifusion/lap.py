@@ -33,6 +33,7 @@ from .attention import (
     rope_frequencies,
 )
 from .config import LAPConfig
+from .errors import InputError, VLMMismatchError
 
 REFINER_ROPE_THETA = 10000.0
 
@@ -72,14 +73,14 @@ def validate_gains(gains: Gains, num_layers: int, like: Tensor) -> Optional[Tens
         return None
     g = torch.as_tensor(gains, dtype=torch.float32).to(like.device)
     if g.ndim != 1 or g.shape[0] != num_layers:
-        raise ValueError(
+        raise InputError(
             f"LAP gains must be one value per selected VLM layer ({num_layers}), got shape {tuple(g.shape)}; "
             "pass a list of that length or None"
         )
     if not torch.isfinite(g).all() or (g < 0).any():
-        raise ValueError(f"LAP gains must be finite and >= 0 (0 drops a layer), got {g.tolist()}")
+        raise InputError(f"LAP gains must be finite and >= 0 (0 drops a layer), got {g.tolist()}")
     if not (g > 0).any():
-        raise ValueError("LAP gains are all zero, which drops every layer; keep at least one gain above 0")
+        raise InputError("LAP gains are all zero, which drops every layer; keep at least one gain above 0")
     if bool((g == 1).all()):
         return None
     return g
@@ -189,7 +190,7 @@ class LAPConditioner(nn.Module):
         if mask is None:
             mask = torch.ones(b, s, dtype=torch.bool, device=features.device)
         if mask.shape != (b, s) or mask.dtype != torch.bool:
-            raise ValueError(
+            raise InputError(
                 f"LAP mask must be a (B, S) = {(b, s)} bool tensor (True = real token), "
                 f"got {tuple(mask.shape)} {mask.dtype}"
             )
@@ -207,18 +208,10 @@ class LAPConditioner(nn.Module):
 
 def _check_features(features: Tensor, cfg: LAPConfig) -> tuple[int, int, int, int]:
     if features.ndim != 4 or features.shape[2:] != (cfg.num_vlm_layers, cfg.vlm_hidden_size):
-        raise ValueError(
+        raise VLMMismatchError(
             f"LAP features must be (B, S, L={cfg.num_vlm_layers}, H={cfg.vlm_hidden_size}), got "
             f"{tuple(features.shape)}; the VLM features were captured from other layers or another VLM"
         )
     b, s, l, h = features.shape
     return b, s, l, h
 
-
-__all__ = [
-    "ConditionRefiner",
-    "LAPConditioner",
-    "LayerwiseAttentionPooling",
-    "TransformerBlock",
-    "validate_gains",
-]
