@@ -163,7 +163,7 @@ class UniFusionDiT(nn.Module):
         context_mask: Optional[Tensor] = None,
     ) -> Tensor:
         b, c_in, height, width = x.shape
-        p, d = self.cfg.patch_size, self.cfg.hidden_size
+        p = self.cfg.patch_size
         if c_in != self.cfg.in_channels:
             raise InputError(
                 f"UniFusionDiT expects {self.cfg.in_channels} latent channels, got {c_in}; "
