@@ -97,7 +97,7 @@ def test_damaged_config_metadata(saved, tmp_path):
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
     header["__metadata__"]["unifusion_config"] = "{broken"
-    raw = json.dumps(header).encode()
+    raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (n - len(raw)) if len(raw) <= n else b""
     assert len(raw) == n
     out = tmp_path / "meta.safetensors"
