@@ -23,3 +23,16 @@ def family(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_dirs: dict[str, Path], family: str) -> Path:
     return tiny_dirs[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms(tiny_dirs: dict[str, Path]) -> dict:
+    """Loaded once per session; tests must not modify them."""
+    from unifusion.vlm.loader import load_vlm
+
+    return {family: load_vlm(path) for family, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_vlms: dict, family: str):
+    return tiny_vlms[family]

@@ -7,12 +7,11 @@ import torch
 from torch import nn
 
 from unifusion.vlm.layers import LayerCapture, LayerCaptureError, find_decoder_layers, layer_progress
-from unifusion.vlm.loader import load_vlm
 
 
 @pytest.fixture(scope="module")
-def vlms(tiny_dirs):
-    return {family: load_vlm(path) for family, path in tiny_dirs.items()}
+def vlms(tiny_vlms):
+    return tiny_vlms
 
 
 def test_capture_matches_hidden_states(vlms, family):

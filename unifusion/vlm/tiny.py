@@ -34,6 +34,7 @@ a an the of and or with without in on at to from by for is are be this that it i
 red green blue yellow orange purple pink brown black white gray grey cyan magenta gold silver
 circle square triangle star heart hexagon ring cross dot line shape shapes object objects
 cat dog bird fish horse tree house car boat flower sun moon sky sea mountain city street
+cats dogs birds trees houses cars boats flowers circles squares triangles stars rings
 small big large tiny huge medium left right top bottom middle center above below next near
 one two three four five six seven eight nine ten many few some no zero
 photo picture image painting drawing sketch render scene background foreground style
@@ -79,16 +80,16 @@ QWEN2_5_VL_TEMPLATE = (
 # Qwen3-VL instruct template (tool calling left out): no default system prompt.
 QWEN3_VL_TEMPLATE = (
     "{%- for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for content in message['content'] %}"
     "{%- if content['type'] == 'image' or 'image' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{%- elif 'text' in content %}{{ content['text'] }}{%- endif %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in content %}{{- content['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
-    "<|im_end|>\n"
+    "{{- '<|im_end|>\n' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
 _QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
