@@ -178,3 +178,28 @@ def test_prompt_errors(tiny_vlms):
         build_prompt(vlm, [_image(50, 50), "a cat"], max_tiles=0)
     with pytest.raises(InputError, match="padding_side"):
         build_prompts(vlm, [["a cat"]], padding_side="middle")
+
+
+@pytest.mark.parametrize("template", [
+    # a text-only template: content lists would show up as their Python repr
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+    # a template that only reads content lists
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'][0]['text'] }}<|im_end|>\n{% endfor %}",
+])
+def test_string_and_list_only_templates(tiny_vlms, template):
+    vlm = tiny_vlms["qwen2_5_vl"]
+    tokenizer = build_tokenizer("qwen2_5_vl")
+    tokenizer.chat_template = template
+    prompt = build_prompt(dataclasses.replace(vlm, tokenizer=tokenizer), [PROMPT], system_prompt=SYSTEM)
+    assert "'type'" not in prompt.texts[0]
+    assert _decode(tokenizer, prompt.input_ids[0], prompt.is_instruction[0]) == _words(PROMPT)
+    assert _decode(tokenizer, prompt.input_ids[0], prompt.is_system[0]) == _words(SYSTEM)
+
+
+def test_template_dropping_the_system_prompt(tiny_vlms):
+    vlm = tiny_vlms["qwen2_5_vl"]
+    tokenizer = build_tokenizer("qwen2_5_vl")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] != 'system' %}<|im_start|>user\n"
+                               "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
+    with pytest.raises(InputError, match="exactly once"):
+        build_prompt(dataclasses.replace(vlm, tokenizer=tokenizer), [PROMPT], system_prompt=SYSTEM)

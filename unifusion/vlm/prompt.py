@@ -129,28 +129,38 @@ def _messages(system_prompt: str | None, content: list[Any], texts: list[str], a
     return messages
 
 
+def _render_marked(tokenizer: Any, system_prompt: str | None, content: list[Any], marks: list[str],
+                   generation: bool) -> tuple[str, bool]:
+    """The chat rendered with marker texts, and whether the contents are plain strings.
+
+    Text-only chats try plain strings first (every template takes them), then content
+    lists; a render that shows a content list's Python repr is rejected."""
+    from jinja2 import TemplateError
+
+    has_images = any(not isinstance(c, str) for c in content)
+    for as_string in (False,) if has_images else (True, False):
+        try:
+            marked = tokenizer.apply_chat_template(_messages(system_prompt, content, marks, as_string),
+                                                   tokenize=False, add_generation_prompt=generation)
+        except (TemplateError, TypeError, KeyError, IndexError):
+            continue
+        found = [int(m) for m in _MARK_RE.findall(marked)]
+        if found == list(range(len(marks))) and "{'type'" not in marked:
+            return marked, as_string
+    raise InputError(
+        "the model's chat template does not show each prompt text exactly once (it drops, repeats or reorders "
+        "them); use a VLM whose template renders system and user text items"
+    )
+
+
 def _render(tokenizer: Any, system_prompt: str | None, content: list[Any], generation: bool,
             ) -> tuple[str, list[tuple[int, int, int]]]:
     """The rendered chat and the character spans (start, end, role) of the system and user texts."""
-    texts = ([system_prompt] if system_prompt is not None else []) + [c for c in content if isinstance(c, str)]
-    roles = ([_SYSTEM] if system_prompt is not None else []) + [_INSTRUCTION] * (len(texts) - (system_prompt is not None))
+    user_texts = [c for c in content if isinstance(c, str)]
+    texts = ([system_prompt] if system_prompt is not None else []) + user_texts
+    roles = [_SYSTEM] * (len(texts) - len(user_texts)) + [_INSTRUCTION] * len(user_texts)
     marks = [_MARK.format(i) for i in range(len(texts))]
-    has_images = any(not isinstance(c, str) for c in content)
-    for as_string in (False, True):
-        if as_string and has_images:
-            break
-        marked = tokenizer.apply_chat_template(_messages(system_prompt, content, marks, as_string), tokenize=False,
-                                               add_generation_prompt=generation)
-        found = [int(m) for m in _MARK_RE.findall(marked)]
-        if found == list(range(len(texts))):
-            break
-    else:
-        found = []
-    if found != list(range(len(texts))):
-        raise InputError(
-            "the model's chat template does not show each prompt text exactly once (it drops, repeats or reorders "
-            "them); use a VLM whose template renders system and user text items"
-        )
+    marked, as_string = _render_marked(tokenizer, system_prompt, content, marks, generation)
     real = tokenizer.apply_chat_template(_messages(system_prompt, content, texts, as_string), tokenize=False,
                                          add_generation_prompt=generation)
     pieces = _MARK_RE.split(marked)[::2]  # template text around the markers
