@@ -125,8 +125,9 @@ def test_batch_padding_sides(tiny_vlm):
     assert right.attention_mask[1, : lengths[1]].all() and not right.attention_mask[1, lengths[1]:].any()
     assert left.attention_mask[1, -lengths[1]:].all() and not left.attention_mask[1, : -lengths[1]].any()
     for b in range(2):
-        assert torch.equal(right.input_ids[b][right.attention_mask[b]], left.input_ids[b][left.attention_mask[b]])
-        assert torch.equal(right.is_instruction[b][right.attention_mask[b]], left.is_instruction[b][left.attention_mask[b]])
+        real_right, real_left = right.attention_mask[b], left.attention_mask[b]
+        assert torch.equal(right.input_ids[b][real_right], left.input_ids[b][real_left])
+        assert torch.equal(right.is_instruction[b][real_right], left.is_instruction[b][real_left])
     _roles_partition(right)
     _roles_partition(left)
 

@@ -118,9 +118,9 @@ def to_pil(
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise InputError(f"{name} is empty ({image.width}x{image.height}); pass an image with pixels")
-        if max(image.size) > max_side and image.mode in _RESIZABLE_MODES:
+        if max(image.size) > max_side and image.mode in _RESIZABLE_MODES:  # shrink before converting
             image = image.copy()
-            image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)  # shrink before converting
+            image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
         rgb = _pil_to_rgb(image)
     elif isinstance(image, np.ndarray):
         rgb = _array_to_pil(image, name)
@@ -147,7 +147,9 @@ def to_pil_list(images: Any) -> list[Image.Image]:
     return out
 
 
-def tile_grid(width: int, height: int, tile_size: int = 448, max_tiles: int = 12, min_tiles: int = 1) -> tuple[int, int]:
+def tile_grid(
+    width: int, height: int, tile_size: int = 448, max_tiles: int = 12, min_tiles: int = 1
+) -> tuple[int, int]:
     """(columns, rows) of the grid whose aspect ratio is closest to the image's, with
     ``min_tiles <= columns * rows <= max_tiles``; on ties the larger grid wins while the
     image covers more than half of it (InternVL's ``find_closest_aspect_ratio``)."""

@@ -48,7 +48,9 @@ def identity_of(model: nn.Module, selected_layers: Sequence[int] | None = None, 
     """The `VLMIdentity` a UniFusion checkpoint records for this model (works on meta tensors)."""
     text_config = model.config.get_text_config()
     num_layers = len(find_decoder_layers(model))
-    layers = tuple(selected_layers) if selected_layers is not None else default_layer_selection(num_layers, layer_stride)
+    if selected_layers is None:
+        selected_layers = default_layer_selection(num_layers, layer_stride)
+    layers = tuple(selected_layers)
     return VLMIdentity(type(model).__name__, num_layers, int(text_config.hidden_size), layers)
 
 
