@@ -1,0 +1,178 @@
+"""Trainer: overfitting, exact resume, Ctrl-C, config checks, dropout wiring, release export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import tiny_dit
+
+from unifusion.checkpoint import load_model
+from unifusion.flow import add_noise
+from unifusion.model import UniFusionModel
+from unifusion.train.cache import collate
+from unifusion.train.errors import TrainConfigError, TrainStateError
+from unifusion.train.export import export_release
+from unifusion.train.recipe import TrainConfig
+from unifusion.train.run import model_config_for_cache, train
+from unifusion.train.state import list_states
+from unifusion.train.trainer import Trainer, TrainingModel
+
+BASE = TrainConfig(steps=4, batch_size=2, grad_accum=2, lr=2e-3, warmup_steps=2, save_every=2, log_every=1,
+                   stage="mixed", cond_dropout=0.3, recon_prob=0.3, verifi_prob=0.5, ema_decay=0.9)
+
+
+def _snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    out = {f"w.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+    out.update({f"ema.{k}": v.clone() for k, v in trainer.ema.shadow.items()})
+    for index, slots in trainer.optimizer.state_dict()["state"].items():
+        out.update({f"opt.{index}.{s}": t.clone() for s, t in slots.items()})
+    return out
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def _fixed_loss(model: UniFusionModel, cache, indices: list[int]) -> float:
+    """Loss at fixed timesteps and noise, no dropout: a yardstick independent of the training draws."""
+    items = [cache.get(i) for i in indices]
+    batch = collate([it.features["plain"] for it in items], [it.latent for it in items])
+    gen = torch.Generator().manual_seed(123)
+    noise = torch.randn(batch.latents.shape, generator=gen)
+    t = torch.linspace(0.15, 0.85, len(indices))
+    with torch.no_grad():
+        context = model.encode_condition(batch.features, batch.mask)
+        v = model(add_noise(batch.latents, noise, t), t, context, batch.mask)
+    return float((v - (noise - batch.latents)).square().mean())
+
+
+def test_training_overfits_a_tiny_batch(cache, model_config, tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=40, batch_size=6, lr=3e-3, warmup_steps=3, cond_dropout=0.0, recon_prob=0.0,
+                      ema_decay=0.0, save_every=100, log_every=10)
+    trainer = Trainer(model_config, cache, cfg, tmp_path, progress=False)
+    before = _fixed_loss(trainer.model, cache, trainer.pool)
+    result = trainer.train()
+    after = _fixed_loss(trainer.model, cache, trainer.pool)
+    assert after < 0.5 * before, (before, after)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    rows = [json.loads(line) for line in (tmp_path / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert rows[0]["loss"] == pytest.approx(sum(result.losses[:10]) / 10)
+    assert [p.name for p in list_states(tmp_path)] == ["step-00000040"]
+
+
+def test_exact_resume(cache, model_config, tmp_path: Path) -> None:
+    straight = Trainer(model_config, cache, BASE, tmp_path / "a", progress=False)
+    full = straight.train()
+    first = Trainer(model_config, cache, replace(BASE, steps=2), tmp_path / "b", progress=False)
+    first.train()
+    second = Trainer(model_config, cache, BASE, tmp_path / "b", progress=False)
+    second.resume(tmp_path / "b" / "states" / "step-00000002")
+    rest = second.train()
+    assert rest.losses == full.losses[2:]
+    _assert_identical(_snapshot(straight), _snapshot(second))
+    log_a = [json.loads(x)["loss"] for x in (tmp_path / "a" / "loss.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x)["loss"] for x in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
+    assert log_a == log_b
+
+
+def test_ctrl_c_saves_a_resumable_state(cache, model_config, tmp_path: Path) -> None:
+    reference = Trainer(model_config, cache, BASE, tmp_path / "ref", progress=False)
+    reference.train()
+
+    def interrupt_at_3(info) -> None:
+        if info.step == 3:
+            raise KeyboardInterrupt
+
+    result = train(cache.folder, tmp_path / "run", model_config, BASE, callbacks=[interrupt_at_3], progress=False)
+    assert result.interrupted and result.step == 3 and result.state_dir.name == "step-00000003"
+    resumed = Trainer(model_config, cache, BASE, tmp_path / "run", progress=False)
+    resumed.resume(result.state_dir)
+    assert resumed.train().step == 4
+    _assert_identical(_snapshot(reference), _snapshot(resumed))
+
+
+def test_real_sigint_stops_after_the_step(cache, model_config, tmp_path: Path) -> None:
+    def press_ctrl_c(info) -> None:
+        if info.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    result = train(cache.folder, tmp_path, model_config, BASE, callbacks=[press_ctrl_c], progress=False)
+    assert result.interrupted and result.step == 1 and (result.state_dir / "trainer.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
+    again = train(cache.folder, tmp_path, model_config, BASE, progress=False)  # resume="auto"
+    assert not again.interrupted and again.step == 4 and len(again.losses) == 3
+
+
+def test_resume_refuses_other_configs(cache, model_config, tmp_path: Path) -> None:
+    Trainer(model_config, cache, replace(BASE, steps=2), tmp_path, progress=False).train()
+    state = tmp_path / "states" / "step-00000002"
+    deeper = model_config_for_cache(cache, tiny_dit(depth=3), lap_heads=2, refiner_blocks=1)
+    with pytest.raises(TrainStateError, match=r"another model config \(dit\.depth: 2 vs 3; saved vs this run\)"):
+        Trainer(deeper, cache, BASE, tmp_path, progress=False).resume(state)
+    with pytest.raises(TrainStateError, match=r"lr: saved 0\.002, now 0\.001"):
+        Trainer(model_config, cache, replace(BASE, lr=1e-3), tmp_path, progress=False).resume(state)
+    longer = Trainer(model_config, cache, replace(BASE, steps=3, save_every=5), tmp_path, progress=False)
+    longer.resume(state)
+    assert longer.step == 2
+    with pytest.raises(TrainStateError, match="not a training state"):
+        longer.resume(tmp_path)
+
+
+def test_options_the_cache_cannot_serve(cache, model_config, tmp_path: Path) -> None:
+    from unifusion.train.cache import FeatureCache
+
+    plain_only = FeatureCache(cache.folder)
+    plain_only.key = replace(cache.key, verifi_system_prompt=None, recon_tiles=None)
+    with pytest.raises(TrainConfigError, match="no Verifi features"):
+        Trainer(model_config, plain_only, replace(BASE, recon_prob=0.0), tmp_path, progress=False)
+    with pytest.raises(TrainConfigError, match="no reconstruction features"):
+        Trainer(model_config, plain_only, replace(BASE, verifi_prob=0.0), tmp_path, progress=False)
+    with pytest.raises(TrainConfigError, match="LoRA training needs init_from"):
+        Trainer(model_config, cache, replace(BASE, lora={"rank": 2}), tmp_path, progress=False)
+
+
+def test_dropout_feeds_the_null_condition_and_keeps_the_mask(model_config) -> None:
+    model = UniFusionModel(model_config)
+    seen = {}
+    model.dit.register_forward_hook(lambda m, args, out: seen.update(context=args[2], mask=args[3]))
+    features = torch.randn(3, 5, 2, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    drop = torch.tensor([True, False, True])
+    TrainingModel(model)(torch.randn(3, 4, 8, 8), torch.rand(3), features, mask, drop)
+    assert torch.equal(seen["context"][0], torch.zeros(5, 32)) and torch.equal(seen["context"][2], torch.zeros(5, 32))
+    torch.testing.assert_close(seen["context"][1], model.encode_condition(features, mask)[1])
+    assert torch.equal(seen["mask"], mask)
+    assert TrainingModel(model).state_dict().keys() == model.state_dict().keys()
+
+
+def test_release_export_and_edit_stage_from_it(cache, model_config, tmp_path: Path) -> None:
+    cfg = replace(BASE, stage="t2i", steps=2)
+    trainer = Trainer(model_config, cache, cfg, tmp_path / "t2i", progress=False)
+    result = trainer.train()
+    release = export_release(tmp_path / "t2i", tmp_path / "t2i.safetensors")
+    model, config = load_model(release)
+    assert config.extra["sampling_shift"] == pytest.approx(trainer.shift) and config.extra["ema"] is True
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trainer.ema.shadow[name].to(value.dtype)), name
+    raw, _ = load_model(export_release(result.state_dir, tmp_path / "raw.safetensors", use_ema=False))
+    for name, value in raw.state_dict().items():
+        assert torch.equal(value, trainer.model.state_dict()[name]), name
+    edit_cfg = replace(BASE, stage="edit", steps=1, init_from=str(release))
+    edit = train(cache.folder, tmp_path / "edit", None, edit_cfg, progress=False)
+    assert edit.step == 1
+    editor = Trainer(model_config, cache, replace(edit_cfg, steps=1), tmp_path / "x", progress=False)
+    assert torch.equal(editor.model.dit.x_embedder.weight, model.dit.x_embedder.weight)
+    assert all(cache.samples[i].kind == "edit" for i in editor.pool)
+    other = model_config_for_cache(cache, tiny_dit(depth=3), lap_heads=2, refiner_blocks=1)
+    with pytest.raises(TrainConfigError, match=r"another model config than this run \(dit\.depth: 2 vs 3"):
+        Trainer(other, cache, edit_cfg, tmp_path / "y", progress=False)

@@ -1,0 +1,90 @@
+"""Turn a training state into what users load: a release checkpoint, or a ComfyUI LoRA.
+
+The release is the single safetensors file of `unifusion.checkpoint.save_checkpoint`
+(EMA weights by default) with ``extra["sampling_shift"]`` set to the shift the model was
+trained with, so the pipeline and the ComfyUI nodes sample with the matching schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from safetensors.torch import load_file
+
+from ..checkpoint import load_state_dict, save_checkpoint
+from ..config import UniFusionConfig
+from ..model import UniFusionModel
+from .errors import TrainStateError
+from .lora import LoRA, add_lora, save_comfy_lora
+from .recipe import TrainConfig
+from .state import latest_state, read_meta
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_state(path: str | Path) -> Path:
+    """A state folder, or the newest one under a training output folder."""
+    path = Path(path)
+    if (path / "trainer.json").is_file():
+        return path
+    found = latest_state(path)
+    if found is None:
+        raise TrainStateError(f"{path} holds no training state (states/step-*/trainer.json); pass a state folder or "
+                              "the output folder of a training run")
+    return found
+
+
+def _restore(folder: Path, use_ema: bool) -> tuple[UniFusionModel, Optional[LoRA], UniFusionConfig, dict]:
+    meta = read_meta(folder)
+    config = UniFusionConfig.from_json(json.dumps(meta["model_config"]))
+    train_cfg = TrainConfig.from_dict(meta["train_config"])
+    model = UniFusionModel(config)
+    if train_cfg.init_from is not None:
+        base = Path(train_cfg.init_from)
+        if not base.is_file():
+            raise TrainStateError(f"{folder} was trained from {base}, which is gone; put it back to export")
+        state, _ = load_state_dict(base)
+        model.load_state_dict(state, strict=True)
+    lora = None
+    if train_cfg.lora is not None:
+        lc = train_cfg.lora
+        lora = add_lora(model, lc.rank, lc.alpha, lc.targets)
+    name = "ema.safetensors" if use_ema else "model.safetensors"
+    if use_ema and not (folder / name).is_file():
+        raise TrainStateError(f"{folder} has no EMA weights (trained with ema_decay=0); export with use_ema=False")
+    weights = load_file(str(folder / name))
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise TrainStateError(f"{folder}/{name} has weights this model lacks ({result.unexpected_keys[:3]}); "
+                              "the state is damaged or of another version")
+    if train_cfg.lora is None and result.missing_keys:
+        raise TrainStateError(f"{folder}/{name} lacks weights ({result.missing_keys[:3]}); the state is incomplete")
+    return model, lora, config, meta
+
+
+def export_release(state: str | Path, out_path: str | Path, use_ema: bool = True,
+                   sampling_shift: Optional[float] = None) -> Path:
+    """Write the release checkpoint of a state (LoRA states are merged into their base)."""
+    folder = resolve_state(state)
+    model, lora, config, meta = _restore(folder, use_ema)
+    if lora is not None:
+        lora.merge()
+    shift = float(sampling_shift if sampling_shift is not None else meta["sampling_shift"])
+    extra = {**config.extra, "sampling_shift": shift, "trained_steps": int(meta["step"]), "ema": bool(use_ema)}
+    path = save_checkpoint(out_path, model.state_dict(), replace(config, extra=extra),
+                           metadata={"source": "unifusion.train", "state": folder.name})
+    logger.info("exported %s (step %d, %s weights) to %s", folder, meta["step"], "EMA" if use_ema else "raw", path)
+    return path
+
+
+def export_lora(state: str | Path, out_path: str | Path, use_ema: bool = True) -> Path:
+    """Write the adapters of a LoRA state as a ComfyUI LoRA file (LoraLoaderModelOnly)."""
+    folder = resolve_state(state)
+    model, lora, _, meta = _restore(folder, use_ema)
+    if lora is None:
+        raise TrainStateError(f"{folder} is a full training state, not a LoRA one; use export_release")
+    return save_comfy_lora(lora, out_path, metadata={"trained_steps": str(meta["step"]), "state": folder.name})
