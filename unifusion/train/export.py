@@ -84,7 +84,7 @@ def export_release(state: str | Path, out_path: str | Path, use_ema: bool = True
 def export_lora(state: str | Path, out_path: str | Path, use_ema: bool = True) -> Path:
     """Write the adapters of a LoRA state as a ComfyUI LoRA file (LoraLoaderModelOnly)."""
     folder = resolve_state(state)
-    model, lora, _, meta = _restore(folder, use_ema)
-    if lora is None:
+    if TrainConfig.from_dict(read_meta(folder)["train_config"]).lora is None:
         raise TrainStateError(f"{folder} is a full training state, not a LoRA one; use export_release")
+    _, lora, _, meta = _restore(folder, use_ema)
     return save_comfy_lora(lora, out_path, metadata={"trained_steps": str(meta["step"]), "state": folder.name})
