@@ -187,3 +187,5 @@ def test_inputs(vlms, picture):
         verifi_rewrite(vlm, "a cat", do_sample=True, temperature=0.0)
     result = verifi_rewrite(vlm, "", images=[picture], max_new_tokens=2, max_tiles=1)  # images alone are a prompt
     assert result.features.is_image.any() and not result.features.is_instruction.any()
+    no_system = verifi_rewrite(vlm, "a cat", system_prompt="", max_new_tokens=2)  # "" sends no system prompt
+    assert not no_system.features.is_system.any() and no_system.features.is_instruction.any()
