@@ -66,3 +66,14 @@ def link_tiny_files(server, files: TinyFiles) -> None:
     server.link_model("unifusion_vlm", files.other_vlm, "other-vlm")
     server.link_model("diffusion_models", files.checkpoint, DEMO_CHECKPOINT)
     server.link_model("vae", files.vae, DEMO_VAE)
+
+
+_BUILT: dict[str, TinyFiles] = {}
+
+
+def ensure_tiny_files(server, tmp_path_factory) -> TinyFiles:
+    """Build the tiny files once per test session and link them into ``server``."""
+    if "files" not in _BUILT:
+        _BUILT["files"] = build_tiny_files(tmp_path_factory.mktemp("tiny_unifusion"))
+    link_tiny_files(server, _BUILT["files"])
+    return _BUILT["files"]

@@ -1,0 +1,149 @@
+"""The example workflows in workflows/ run in a real ComfyUI and give sane, reproducible images.
+
+They reference the bundled demo file names; the tiny random model is linked into the server's
+model folders under those names (tiny_unifusion.py), so the files run unchanged. Only the step
+count is lowered (20 -> 4) to keep the tests fast on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import PACK_NAME, ComfyServer
+from tiny_unifusion import ensure_tiny_files
+from ui_workflow import ui_to_api
+
+WORKFLOWS = ("text_to_image", "single_reference_edit", "multi_reference_edit", "verifi_rewrite", "batch_seed_sweep")
+TEST_STEPS = 4
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
+    ensure_tiny_files(comfy_server, tmp_path_factory)
+    return comfy_server
+
+
+def load_prompt(server: ComfyServer, workflows_dir: Path, name: str, **ksampler: object) -> dict:
+    workflow = json.loads((workflows_dir / f"{name}.json").read_text(encoding="utf-8"))
+    prompt = ui_to_api(workflow, server.object_info())
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"].update({"steps": TEST_STEPS, **ksampler})
+    return prompt
+
+
+def saved_images(server: ComfyServer, entry: dict) -> list[np.ndarray]:
+    paths = [p for p in server.output_images(entry) if p.parent == server.output_dir]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(paths)]
+
+
+def executed_nodes(entry: dict, prompt: dict) -> set[str]:
+    cached = set()
+    for event, data in entry["status"]["messages"]:
+        if event == "execution_cached":
+            cached.update(data.get("nodes", []))
+    return set(prompt) - cached
+
+
+def node_ids(prompt: dict, class_type: str) -> list[str]:
+    return [nid for nid, node in prompt.items() if node["class_type"] == class_type]
+
+
+def check_image(image: np.ndarray) -> None:
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert image.std() > 2.0, "the image is blank"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_runs_and_saves_images(server: ComfyServer, workflows_dir: Path, name: str) -> None:
+    prompt = load_prompt(server, workflows_dir, name)
+    entry = server.run(prompt, timeout=600)
+    images = saved_images(server, entry)
+    expected = 4 if name == "batch_seed_sweep" else 1
+    assert len(images) == expected
+    for image in images:
+        check_image(image)
+    if name == "batch_seed_sweep":  # four noises, four different images
+        assert len({image.tobytes() for image in images}) == 4
+    if name.endswith("reference_edit"):  # the generated references are shown too
+        previews = [p for p in server.output_images(entry) if p.parent == server.temp_dir]
+        assert len(previews) == (3 if name.startswith("multi") else 1)
+
+
+def test_every_workflow_has_a_note_and_demo_names(workflows_dir: Path) -> None:
+    for name in WORKFLOWS:
+        workflow = json.loads((workflows_dir / f"{name}.json").read_text(encoding="utf-8"))
+        types = [n["type"] for n in workflow["nodes"]]
+        assert "Note" in types, f"{name}: no Note node"
+        note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "real weights" in note
+        values = [v for n in workflow["nodes"] for v in n.get("widgets_values", [])]
+        for demo in ("unifusion-demo-vlm", "unifusion-demo.safetensors", "unifusion-demo-vae.safetensors"):
+            assert demo in values, f"{name}: does not load {demo}"
+        links = {link[0]: link for link in workflow["links"]}
+        for node in workflow["nodes"]:  # links and node slots agree, as the editor requires
+            for slot, inp in enumerate(node.get("inputs", [])):
+                if inp.get("link") is not None:
+                    assert links[inp["link"]][3:5] == [node["id"], slot]
+            for out in node.get("outputs", []):
+                for link_id in out.get("links") or []:
+                    assert links[link_id][1] == node["id"]
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(server: ComfyServer, workflows_dir: Path) -> None:
+    first_prompt = load_prompt(server, workflows_dir, "text_to_image", seed=42)
+    first = saved_images(server, server.run(first_prompt))[0]
+    other = saved_images(server, server.run(load_prompt(server, workflows_dir, "text_to_image", seed=43)))[0]
+    again_prompt = load_prompt(server, workflows_dir, "text_to_image", seed=42)
+    entry = server.run(again_prompt)
+    sampler = node_ids(again_prompt, "KSampler")[0]
+    assert sampler in executed_nodes(entry, again_prompt), "the sampler should have run again"
+    encoder = node_ids(again_prompt, "UniFusionEncode")[0]
+    assert encoder not in executed_nodes(entry, again_prompt), "an unchanged encode must come from the cache"
+    again = saved_images(server, entry)[0]
+    assert np.array_equal(first, again)
+    assert np.abs(first.astype(int) - other.astype(int)).mean() > 1.0
+
+
+def test_verifi_workflow_shows_the_rewrite(server: ComfyServer, workflows_dir: Path) -> None:
+    prompt = load_prompt(server, workflows_dir, "verifi_rewrite")
+    entry = server.run(prompt)
+    verifi = node_ids(prompt, "UniFusionVerifiRewrite")[0]
+    shown = entry["outputs"][verifi]
+    text = shown["unifusion_text"][0]
+    assert isinstance(text, str) and text.strip()
+    assert shown["unifusion_summary"][0].startswith("rewrite: ")
+    preview = node_ids(prompt, "PreviewAny")[0]
+    assert entry["outputs"][preview]["text"][0] == text
+
+
+def test_workflows_are_offered_as_templates(server: ComfyServer) -> None:
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get(PACK_NAME, [])) == sorted(WORKFLOWS)
+
+
+def test_web_extension_is_served(server: ComfyServer) -> None:
+    extensions = server.get("/extensions")
+    ours = [e for e in extensions if e.startswith(f"/extensions/{PACK_NAME}/")]
+    assert ours == [f"/extensions/{PACK_NAME}/unifusion.js"]
+
+
+def test_comfyui_matches_the_library_pipeline(server: ComfyServer, workflows_dir: Path,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Same prompt, seed, steps, CFG and shift: the native KSampler path and unifusion's own
+    sampler give the same picture (up to float differences between the two torch builds)."""
+    pipeline = pytest.importorskip("unifusion.pipeline")
+    files = ensure_tiny_files(server, tmp_path_factory)
+    prompt = load_prompt(server, workflows_dir, "text_to_image", seed=5)
+    text = prompt[node_ids(prompt, "UniFusionEncode")[0]]["inputs"]["text"]
+    comfy_image = saved_images(server, server.run(prompt))[0].astype(np.float64)
+    pipe = pipeline.UniFusionPipeline.from_files(files.vlm, files.checkpoint, files.vae)
+    images, _ = pipe.generate(text, width=IMAGE_SIZE, height=IMAGE_SIZE, steps=TEST_STEPS, cfg_scale=4.0, seed=5)
+    ours = np.asarray(images[0].convert("RGB")).astype(np.float64)
+    assert np.abs(comfy_image - ours).max() <= 2.0
