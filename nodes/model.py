@@ -26,9 +26,10 @@ import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..unifusion.checkpoint import load_state_dict
-from ..unifusion.config import DiTConfig, UniFusionConfig
+from ..unifusion.config import UniFusionConfig
 from ..unifusion.errors import CheckpointError
 from ..unifusion.model import UniFusionModel
+from .memory import memory_usage_factor
 from .preview import factors_from_vae_file, gray_factors
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,6 @@ WEIGHT_DTYPES = {
     "fp16": torch.float16,
     "fp8_e4m3fn": torch.float8_e4m3fn,
 }
-# Peak live activations per sequence token during one DiT block, in units of the hidden
-# width (inference, no grad): measured with tests/nodes/test_memory.py's allocation tracker.
-ACTIVATION_WIDTHS = 24.0
-_MB = 1024 * 1024
-
-
-def memory_usage_factor(dit: DiTConfig) -> float:
-    """ComfyUI's factor for this DiT: it estimates ``B*H*W * dtype_size * 0.01 * factor`` MB per
-    latent (model_base.memory_required); we need ``tokens * hidden * dtype_size * ACTIVATION_WIDTHS``
-    bytes with ``H*W / patch^2`` tokens."""
-    return ACTIVATION_WIDTHS * dit.hidden_size / (dit.patch_size**2 * 0.01 * _MB)
 
 
 class UniFusionLatentFormat(comfy.latent_formats.LatentFormat):

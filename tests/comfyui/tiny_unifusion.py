@@ -55,7 +55,9 @@ def build_tiny_files(root: Path) -> TinyFiles:
     torch.manual_seed(0)
     autoencoder = TinyAutoencoder(LATENT_CHANNELS)
     with torch.no_grad():
-        autoencoder.taesd_decoder[-1].bias.fill_(0.5)  # mid-gray images instead of clamped black
+        # Mid-gray images with visible contrast (std ~30/255) instead of nearly black, flat ones.
+        autoencoder.taesd_decoder[-1].bias.fill_(0.5)
+        autoencoder.taesd_decoder[-1].weight.mul_(10.0)
     vae = save_vae(autoencoder, root / DEMO_VAE)
     return TinyFiles(vlm_dir, other, checkpoint, vae)
 

@@ -1,0 +1,82 @@
+"""The VLM is a model ComfyUI's memory manager can offload, and it comes back intact.
+
+On a GPU, ``load_models_gpu`` for sampling calls ``free_memory(needed, gpu)`` when the DiT does
+not fit beside the VLM; on a CPU-only machine it never calls it (every device is the CPU). So
+this test runs the pack inside ComfyUI's own interpreter, loads both models through the nodes'
+code, and then makes exactly that call with ComfyUI's free-memory reading patched to a budget
+the VLM does not fit in beside the DiT: deterministic, no real memory pressure needed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness import find_python
+from tiny_unifusion import ensure_tiny_files
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBE = textwrap.dedent('''
+    import importlib.util, json, sys
+    comfy_dir, repo, vlm_dir, ckpt = sys.argv[1:5]
+    sys.path.insert(0, comfy_dir)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import torch
+    import comfy.model_management as mm
+    spec = importlib.util.spec_from_file_location("unifusion_pack", repo + "/__init__.py",
+                                                  submodule_search_locations=[repo])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["unifusion_pack"] = pack
+    spec.loader.exec_module(pack)
+    from pathlib import Path
+    from unifusion_pack.nodes.encoding import encode_features
+    from unifusion_pack.nodes.model import load_model_patcher
+    from unifusion_pack.nodes.vlm import load_vlm_patcher
+
+    def loaded():
+        return [type(m.model.model).__name__ for m in mm.current_loaded_models]
+
+    vlm = load_vlm_patcher(Path(vlm_dir), "default", "paper")
+    dit = load_model_patcher(Path(ckpt))
+    with torch.inference_mode():
+        before = encode_features(vlm, "a red circle", None).features.features
+    after_encode = loaded()
+    vlm_size, dit_size = vlm.model_size(), dit.model_size()
+    device = torch.device("cpu")
+    budget = {"free": vlm_size // 2}  # the DiT needs more than is free while the VLM is loaded
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: (
+        (budget["free"], budget["free"]) if torch_free_too else budget["free"])
+    needed = dit_size + mm.minimum_inference_memory()
+    unloaded = [type(m.model.model).__name__ for m in mm.free_memory(needed, device)]
+    after_free = loaded()
+    weight_memory = vlm.model.model_loaded_weight_memory
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: (1 << 40, 1 << 40) if torch_free_too else 1 << 40
+    with torch.inference_mode():
+        again = encode_features(vlm, "a red circle", None).features.features
+    print(json.dumps({"after_encode": after_encode, "unloaded": unloaded, "after_free": after_free,
+                      "vlm_weight_memory_after_free": weight_memory, "reloaded": loaded(),
+                      "same_features": bool(torch.equal(before, again))}))
+''')
+
+
+def test_vlm_is_offloaded_for_sampling_room_and_reloads_intact(comfy_dir: Path, comfy_server,
+                                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    files = ensure_tiny_files(comfy_server, tmp_path_factory)
+    result = subprocess.run(
+        [find_python(comfy_dir), "-c", PROBE, str(comfy_dir), str(REPO), str(files.vlm), str(files.checkpoint)],
+        capture_output=True, text=True, timeout=600, cwd=comfy_dir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["after_encode"] == ["VLMHolder"]
+    assert report["unloaded"] == ["VLMHolder"], report
+    assert report["after_free"] == []
+    assert report["vlm_weight_memory_after_free"] == 0
+    assert report["reloaded"] == ["VLMHolder"]
+    assert report["same_features"]
