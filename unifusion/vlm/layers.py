@@ -86,9 +86,11 @@ def _check_selection(layers: nn.ModuleList, selected: Sequence[int]) -> tuple[in
 class LayerCapture:
     """Context manager hooking the selected decoder layers.
 
-    Every forward of a hooked layer appends its output ``(B, n_new, H)``; `stacked`
-    concatenates the forwards along the sequence and stacks the layers, giving
-    ``(B, S, L, H)`` in the order of `selected`.
+    Each forward writes its selected layer outputs straight into one ``(B, n_new, L, H)``
+    buffer (no per-layer lists, no copy at the end), so capture holds the selected
+    layers once: about 1/N of what ``output_hidden_states=True`` keeps. `stacked`
+    concatenates the forwards along the sequence (generate runs one forward per token),
+    giving ``(B, S, L, H)`` in the order of `selected`.
     """
 
     def __init__(
@@ -100,21 +102,29 @@ class LayerCapture:
         self.layers = layers
         self.selected = _check_selection(layers, selected)
         self.store_device = store_device
-        self._states: dict[int, list[torch.Tensor]] = {k: [] for k in self.selected}
+        self._slots: dict[int, list[int]] = {}
+        for i, k in enumerate(self.selected):
+            self._slots.setdefault(k, []).append(i)
+        self._first = min(self.selected)  # hooks fire in layer order: this one opens a new forward
+        self._buffers: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, k: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            hidden = hidden.detach()
-            if self.store_device is not None:
-                hidden = hidden.to(self.store_device)
-            self._states[k].append(hidden)
+            hidden = hidden.detach()  # (B, n_new, H)
+            if k == self._first:
+                b, n, h = hidden.shape
+                device = self.store_device if self.store_device is not None else hidden.device
+                self._buffers.append(hidden.new_empty((b, n, len(self.selected), h), device=device))
+            buf = self._buffers[-1]  # (B, n_new, L, H)
+            for i in self._slots[k]:
+                buf[:, :, i] = hidden
 
         return hook
 
     def __enter__(self) -> "LayerCapture":
-        for k in dict.fromkeys(self.selected):
+        for k in self._slots:
             self._handles.append(self.layers[k - 1].register_forward_hook(self._hook(k)))
         return self
 
@@ -125,23 +135,24 @@ class LayerCapture:
 
     def clear(self) -> None:
         """Forget captured states (e.g. between prompts) while keeping the hooks."""
-        for states in self._states.values():
-            states.clear()
+        self._buffers.clear()
 
     @property
     def num_forwards(self) -> int:
-        return len(self._states[self.selected[0]])
+        return len(self._buffers)
 
     def per_layer(self, k: int) -> list[torch.Tensor]:
         """The raw per-forward outputs of layer `k`, each ``(B, n_new, H)``."""
-        return list(self._states[k])
+        i = self._slots[k][0]
+        return [buf[:, :, i] for buf in self._buffers]
 
     def stacked(self) -> torch.Tensor:
         """``(B, S, L, H)``: all captured positions for each selected layer."""
         if self.num_forwards == 0:
             raise LayerCaptureError("nothing captured: run the model inside the `with LayerCapture(...)` block")
-        per_layer = [torch.cat(self._states[k], dim=1) for k in self.selected]  # L x (B, S, H)
-        return torch.stack(per_layer, dim=2)  # (B, S, L, H)
+        if self.num_forwards == 1:
+            return self._buffers[0]
+        return torch.cat(self._buffers, dim=1)  # (B, S, L, H)
 
 
 @contextlib.contextmanager
