@@ -76,3 +76,12 @@ def test_user_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert "holds no training state" in capsys.readouterr().err
     assert main(["train", "--cache", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a feature cache" in capsys.readouterr().err
+
+
+def test_package_exports_resolve() -> None:
+    import unifusion.train as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        package.nope  # noqa: B018

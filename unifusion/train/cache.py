@@ -162,10 +162,15 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
 
 
-class FeatureCache:
-    """Read-only access to a cache folder; shards open lazily (or all at once with ``preload``)."""
+PRELOAD_LIMIT_BYTES = 2 << 30
 
-    def __init__(self, folder: str | Path, preload: bool = False) -> None:
+
+class FeatureCache:
+    """Read-only access to a cache folder. Shards are read into memory at once with
+    ``preload=True``, memory-mapped and read per sample with ``False``; ``None`` preloads
+    caches under 2 GiB (the demo's) and maps larger ones."""
+
+    def __init__(self, folder: str | Path, preload: Optional[bool] = False) -> None:
         self.folder = Path(folder)
         index_path = self.folder / INDEX_NAME
         if not index_path.is_file():
@@ -187,6 +192,9 @@ class FeatureCache:
             raise CacheError(f"{index_path} is damaged ({exc}); rebuild the cache") from exc
         self._handles: dict[int, Any] = {}
         self._loaded: dict[int, dict[str, Tensor]] = {}
+        if preload is None:
+            size = sum(p.stat().st_size for p in self.folder.glob("shard-*.safetensors"))
+            preload = size < PRELOAD_LIMIT_BYTES
         if preload:
             for shard in sorted({s.shard for s in self.samples}):
                 self._loaded[shard] = {k: self._open(shard).get_tensor(k) for k in self._open(shard).keys()}

@@ -209,7 +209,7 @@ def build_cache(
     max_text_tokens: Optional[int] = None,
     on_long: str = "truncate",
     batch_size: int = 8,
-    shard_size: int = 512,
+    shard_size: int = 256,
     seed: int = 0,
     overwrite: bool = False,
     progress: Optional[Progress] = None,
@@ -220,7 +220,9 @@ def build_cache(
     must have the first target's size. Texts over ``max_text_tokens`` (default: the VLM's
     window minus a template reserve) are truncated or rejected (``on_long``). Verifi
     rewrites are greedy, under ``verifi_system_prompt`` (default: the library's Verifi
-    prompt). ``progress(done, total)`` runs after each shard.
+    prompt). ``progress(done, total)`` runs after each shard. A shard is held in memory
+    until written: ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for
+    paper-scale bf16 features with images) must fit in RAM.
     """
     if not records:
         raise DatasetError("the dataset is empty; nothing to cache")

@@ -52,20 +52,25 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-tiles", type=int, default=1)
     p.add_argument("--on-long", default="truncate", choices=["truncate", "error"], help="texts over the VLM limit")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=512)
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard (held in memory while built)")
     p.add_argument("--overwrite", action="store_true", help="replace a stale cache in --out")
     p.add_argument("--device", default="cpu")
 
 
+MODEL_DEFAULTS = {"width": 192, "depth": 4, "heads": 6, "patch": 1, "time_embed_dim": 128, "lap_heads": 4,
+                  "refiner_blocks": 1}
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (ignored when resuming or with --init-from)")
-    g.add_argument("--width", type=int, default=192, help="DiT hidden size")
-    g.add_argument("--depth", type=int, default=4)
-    g.add_argument("--heads", type=int, default=6)
-    g.add_argument("--patch", type=int, default=1)
-    g.add_argument("--time-embed-dim", type=int, default=128)
-    g.add_argument("--lap-heads", type=int, default=4)
-    g.add_argument("--refiner-blocks", type=int, default=1)
+    g = p.add_argument_group("model (a resumed run keeps its saved model unless these are given; "
+                             "--init-from uses the checkpoint's)")
+    g.add_argument("--width", type=int, help=f"DiT hidden size (default {MODEL_DEFAULTS['width']})")
+    g.add_argument("--depth", type=int, help=f"DiT blocks (default {MODEL_DEFAULTS['depth']})")
+    g.add_argument("--heads", type=int, help=f"DiT heads (default {MODEL_DEFAULTS['heads']})")
+    g.add_argument("--patch", type=int, help=f"DiT patch size (default {MODEL_DEFAULTS['patch']})")
+    g.add_argument("--time-embed-dim", type=int, help=f"default {MODEL_DEFAULTS['time_embed_dim']}")
+    g.add_argument("--lap-heads", type=int, help=f"default {MODEL_DEFAULTS['lap_heads']}")
+    g.add_argument("--refiner-blocks", type=int, help=f"default {MODEL_DEFAULTS['refiner_blocks']}")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -171,14 +176,18 @@ def _fit(args: argparse.Namespace, config: Any, model_config: Any) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from ..config import DiTConfig
     from .cache import FeatureCache
-    from .run import model_config_for_cache
+    from .run import model_config_for_cache, resume_folder
 
+    given = {k: getattr(args, k) for k in MODEL_DEFAULTS if getattr(args, k) is not None}
+    resuming = str(args.resume).lower() != "none" and resume_folder(args.out, args.resume) is not None
     model_config = None
-    if args.init_from is None:
-        dit = DiTConfig(in_channels=FeatureCache(args.cache).key.latent_channels, patch_size=args.patch,
-                        hidden_size=args.width, depth=args.depth, num_heads=args.heads,
-                        time_embed_dim=args.time_embed_dim, rope_axes=rope_axes_for(args.width // args.heads))
-        model_config = model_config_for_cache(FeatureCache(args.cache), dit, args.lap_heads, args.refiner_blocks)
+    if args.init_from is None and (given or not resuming):
+        m = argparse.Namespace(**{**MODEL_DEFAULTS, **given})
+        cache = FeatureCache(args.cache)
+        dit = DiTConfig(in_channels=cache.key.latent_channels, patch_size=m.patch, hidden_size=m.width,
+                        depth=m.depth, num_heads=m.heads, time_embed_dim=m.time_embed_dim,
+                        rope_axes=rope_axes_for(m.width // m.heads))
+        model_config = model_config_for_cache(cache, dit, m.lap_heads, m.refiner_blocks)
     return _fit(args, _recipe(args), model_config)
 
 

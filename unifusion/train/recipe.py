@@ -9,6 +9,7 @@ on any device (noise is drawn on the CPU and then moved).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -146,6 +147,12 @@ def micro_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(derived_seed(seed, step, micro, rank))
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(pool_size: int, seed: int, epoch: int) -> Tensor:
+    """The shuffled order of epoch ``epoch`` (cached: every micro-batch of an epoch reads it)."""
+    return torch.randperm(pool_size, generator=torch.Generator().manual_seed(derived_seed(seed, -1, epoch)))
+
+
 def sample_indices(pool_size: int, seed: int, start: int, count: int) -> list[int]:
     """Positions ``start .. start+count`` of the endless stream of per-epoch permutations of
     ``range(pool_size)`` (epoch ``e`` shuffled with seed (seed, e))."""
@@ -153,9 +160,8 @@ def sample_indices(pool_size: int, seed: int, start: int, count: int) -> list[in
     position = start
     while len(out) < count:
         epoch, offset = divmod(position, pool_size)
-        perm = torch.randperm(pool_size, generator=torch.Generator().manual_seed(derived_seed(seed, -1, epoch)))
         take = min(pool_size - offset, count - len(out))
-        out.extend(perm[offset: offset + take].tolist())
+        out.extend(epoch_order(pool_size, seed, epoch)[offset: offset + take].tolist())
         position += take
     return out
 

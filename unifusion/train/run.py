@@ -29,7 +29,8 @@ def model_config_for_cache(cache: FeatureCache, dit: DiTConfig, lap_heads: int =
     return make_config(cache.key.vlm, dit, lap_heads=lap_heads, refiner_blocks=refiner_blocks, extra=extra)
 
 
-def _resume_folder(output_dir: Path, resume: Resume) -> Optional[Path]:
+def resume_folder(output_dir: Path, resume: Resume) -> Optional[Path]:
+    """The state to resume: None, "auto" (newest in ``output_dir``, if any), or a state/output folder."""
     if resume is None:
         return None
     if str(resume) == "auto":
@@ -52,16 +53,16 @@ def train(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     accelerator: Any = None,
-    preload: bool = True,
+    preload: Optional[bool] = None,
 ) -> TrainResult:
     """Train on a feature cache. ``resume="auto"`` continues from the newest state in
     ``output_dir`` if there is one (a path resumes from that state, None starts fresh).
     Without ``model_config`` the config comes from the resumed state, else from
-    ``config.init_from``'s checkpoint."""
+    ``config.init_from``'s checkpoint. ``preload`` None reads caches under 2 GiB into memory."""
     output_dir = Path(output_dir)
     config = config or TrainConfig()
     cache = FeatureCache(cache_dir, preload=preload)
-    folder = _resume_folder(output_dir, resume)
+    folder = resume_folder(output_dir, resume)
     if model_config is None:
         if folder is not None:
             model_config = UniFusionConfig.from_json(json.dumps(read_meta(folder)["model_config"]))
