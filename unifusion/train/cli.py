@@ -3,8 +3,8 @@
 Standalone: ``python -m unifusion.train <command> ...``. To mount the commands in another
 argparse program call `add_commands(subparsers)`; each sets ``train_handler`` on the parsed
 namespace, a function ``(args) -> exit code`` that raises UniFusionError for user errors.
-Multi-process: ``accelerate launch --config_file examples/accelerate/ddp.yaml -m
-unifusion.train train ...``.
+Multi-process: ``accelerate launch --config_file examples/accelerate/ddp_gpus.yaml -m
+unifusion.train train ...`` (examples/accelerate/README.md has the CPU and FSDP variants).
 """
 
 from __future__ import annotations
