@@ -92,6 +92,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     g.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in the DiT")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small models on a busy machine)")
 
 
 def add_commands(sub: Any) -> None:
@@ -157,8 +158,13 @@ def _recipe(args: argparse.Namespace, lora: Any = None) -> Any:
 
 
 def _fit(args: argparse.Namespace, config: Any, model_config: Any) -> int:
+    import torch
+
     from .export import export_lora, export_release
     from .run import train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     resume = None if str(args.resume).lower() == "none" else args.resume
     result = train(args.cache, args.out, model_config, config, resume=resume, progress=not args.no_progress)
