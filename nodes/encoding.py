@@ -3,7 +3,7 @@ memory manager (load before use) and its intermediate device (where node outputs
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -11,6 +11,7 @@ import comfy.model_management
 import comfy.model_patcher
 
 from ..unifusion.checkpoint import check_vlm_identity
+from ..unifusion.config import UniFusionConfig
 from ..unifusion.errors import InputError
 from ..unifusion.vlm.encode import VLMFeatures, encode
 from ..unifusion.vlm.verifi import verifi_rewrite
@@ -61,7 +62,7 @@ def checkpoint_name(model: comfy.model_patcher.ModelPatcher) -> str:
     return getattr(model.model, "unifusion_checkpoint", "the UniFusion checkpoint")
 
 
-def unifusion_config(model: comfy.model_patcher.ModelPatcher) -> Any:
+def unifusion_config(model: comfy.model_patcher.ModelPatcher) -> UniFusionConfig:
     config = getattr(model.model, "unifusion_config", None)
     if config is None:
         raise InputError(f"model: this MODEL is a {type(model.model).__name__}, not a UniFusion model; connect "

@@ -1,4 +1,5 @@
-"""The VLM is a model ComfyUI's memory manager can offload, and it comes back intact.
+"""The VLM is a model ComfyUI's memory manager can offload and that comes back intact; the MODEL's
+sampling settings, latent format and preview colours.
 
 On a GPU, ``load_models_gpu`` for sampling calls ``free_memory(needed, gpu)`` when the DiT does
 not fit beside the VLM; on a CPU-only machine it never calls it (every device is the CPU). So
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROBE = textwrap.dedent('''
     import importlib.util, json, sys
-    comfy_dir, repo, vlm_dir, ckpt = sys.argv[1:5]
+    comfy_dir, repo, vlm_dir, ckpt, vae = sys.argv[1:6]
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]
     import comfy.options
@@ -60,23 +61,51 @@ PROBE = textwrap.dedent('''
     mm.get_free_memory = lambda dev=None, torch_free_too=False: (1 << 40, 1 << 40) if torch_free_too else 1 << 40
     with torch.inference_mode():
         again = encode_features(vlm, "a red circle", None).features.features
-    print(json.dumps({"after_encode": after_encode, "unloaded": unloaded, "after_free": after_free,
+    with_vae = load_model_patcher(Path(ckpt), vae_path=Path(vae)).model
+    fmt = with_vae.latent_format
+    settings = {"shift": float(with_vae.model_sampling.shift), "multiplier": float(with_vae.model_sampling.multiplier),
+                "model_type": with_vae.model_type.name, "latent_channels": fmt.latent_channels,
+                "rgb_factors": fmt.latent_rgb_factors, "rgb_factors_without_vae": dit.model.latent_format.latent_rgb_factors,
+                "memory_usage_factor": with_vae.memory_usage_factor}
+    print(json.dumps({"settings": settings, "after_encode": after_encode, "unloaded": unloaded, "after_free": after_free,
                       "vlm_weight_memory_after_free": weight_memory, "reloaded": loaded(),
                       "same_features": bool(torch.equal(before, again))}))
 ''')
 
 
+_REPORTS: dict[str, dict] = {}
+
+
+def _probe(comfy_dir: Path, files) -> dict:
+    """Run the probe once per session in ComfyUI's interpreter; its last output line is a JSON report."""
+    if "report" not in _REPORTS:
+        result = subprocess.run(
+            [find_python(comfy_dir), "-c", PROBE, str(comfy_dir), str(REPO), str(files.vlm), str(files.checkpoint),
+             str(files.vae)],
+            capture_output=True, text=True, timeout=600, cwd=comfy_dir)
+        assert result.returncode == 0, result.stderr[-4000:]
+        _REPORTS["report"] = json.loads(result.stdout.strip().splitlines()[-1])
+    return _REPORTS["report"]
+
+
 def test_vlm_is_offloaded_for_sampling_room_and_reloads_intact(comfy_dir: Path, comfy_server,
                                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
-    files = ensure_tiny_files(comfy_server, tmp_path_factory)
-    result = subprocess.run(
-        [find_python(comfy_dir), "-c", PROBE, str(comfy_dir), str(REPO), str(files.vlm), str(files.checkpoint)],
-        capture_output=True, text=True, timeout=600, cwd=comfy_dir)
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _probe(comfy_dir, ensure_tiny_files(comfy_server, tmp_path_factory))
     assert report["after_encode"] == ["VLMHolder"]
     assert report["unloaded"] == ["VLMHolder"], report
     assert report["after_free"] == []
     assert report["vlm_weight_memory_after_free"] == 0
     assert report["reloaded"] == ["VLMHolder"]
     assert report["same_features"]
+
+
+def test_model_sampling_latent_format_and_preview_colours(comfy_dir: Path, comfy_server,
+                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
+    files = ensure_tiny_files(comfy_server, tmp_path_factory)
+    report = _probe(comfy_dir, files)["settings"]
+    assert report["model_type"] == "FLOW" and report["shift"] == 3.0 and report["multiplier"] == 1.0
+    assert report["latent_channels"] == 4
+    fitted, gray = report["rgb_factors"], report["rgb_factors_without_vae"]
+    assert len(fitted) == 4 and all(len(row) == 3 for row in fitted)
+    assert gray == [[0.25] * 3] * 4 and fitted != gray  # fitted to the decoder when the VAE is known
+    assert report["memory_usage_factor"] > 0
