@@ -139,3 +139,21 @@ def test_reading_a_cache_does_not_import_the_vlm_code(cache_dir: Path) -> None:
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+def test_verifi_batch_function_gets_whole_batches(cache: FeatureCache, records, tiny_vlm, tiny_vae,
+                                                  tmp_path: Path) -> None:
+    calls = []
+
+    def batched(vlm, texts, image_lists, **kwargs):
+        calls.append((len(texts), [len(i) for i in image_lists], kwargs["seeds"]))
+        return cache_build.rewrite_each(vlm, texts, image_lists, **kwargs)
+
+    subset = records[4:8]  # two T2I, two editing samples
+    built = build_cache(subset, tiny_vlm, tiny_vae, tmp_path, feature_dtype="float32", verifi=True, recon=False,
+                        verifi_max_new_tokens=VERIFI_TOKENS, batch_size=3, seed=10, verifi_batch=batched)
+    assert calls == [(3, [0, 0, 1], [10, 11, 12]), (1, [1], [13])]
+    for i in range(4):
+        ours, theirs = built.get(i, ("verifi",)), cache.get(4 + i, ("verifi",))
+        assert ours.info.verifi_text == theirs.info.verifi_text
+        torch.testing.assert_close(ours.features["verifi"], theirs.features["verifi"], rtol=1e-4, atol=1e-4)
