@@ -243,8 +243,8 @@ def build_cache(
     window minus a template reserve) are truncated or rejected (``on_long``). Verifi
     rewrites are greedy, under ``verifi_system_prompt`` (default: the library's Verifi
     prompt), ``batch_size`` prompts per `VerifiBatch` call (``verifi_batch``, default
-    `rewrite_each`; a batched ``generate`` is much faster); sample ``i`` gets seed ``seed + i``. ``progress(done, total)`` runs after each shard. A shard is held in memory
-    until written: ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for
+    `rewrite_each`; a batched ``generate`` is much faster); sample ``i`` gets seed ``seed + i``.
+    ``progress(done, total)`` runs after each shard. A shard is held in memory until written: ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for
     paper-scale bf16 features with images) must fit in RAM.
     """
     if not records:
