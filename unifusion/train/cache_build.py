@@ -244,8 +244,9 @@ def build_cache(
     rewrites are greedy, under ``verifi_system_prompt`` (default: the library's Verifi
     prompt), ``batch_size`` prompts per `VerifiBatch` call (``verifi_batch``, default
     `rewrite_each`; a batched ``generate`` is much faster); sample ``i`` gets seed ``seed + i``.
-    ``progress(done, total)`` runs after each shard. A shard is held in memory until written: ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for
-    paper-scale bf16 features with images) must fit in RAM.
+    ``progress(done, total)`` runs after each shard. A shard is held in memory until written:
+    ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for paper-scale
+    bf16 features with images) must fit in RAM.
     """
     if not records:
         raise DatasetError("the dataset is empty; nothing to cache")
