@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 import comfy.conds
 import comfy.latent_formats
@@ -79,6 +80,9 @@ class UniFusionDiffusionModel(UniFusionModel):
                 context_mask: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
         # The mask may arrive cast to the model dtype (ComfyUI casts non-integer conds).
         mask = None if context_mask is None else context_mask > 0.5  # (B, S) bool
+        if mask is not None and context is not None and mask.shape[1] < context.shape[1]:
+            # ConditioningConcat appends tokens but keeps the first condition's mask: they are real.
+            mask = F.pad(mask, (0, context.shape[1] - mask.shape[1]), value=True)  # (B, S)
         return self.dit(x, timesteps, context, mask)  # (B, C, H, W)
 
 

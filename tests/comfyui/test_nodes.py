@@ -267,3 +267,17 @@ def test_history_outputs_are_json(server: ComfyServer) -> None:
     entry = server.run(graph(text="a green square"))
     json.dumps(entry["outputs"])
     assert entry["outputs"]["enc"]["unifusion_summary"][0].endswith("no images")
+
+
+def test_concatenated_conditionings_sample(server: ComfyServer) -> None:
+    """ConditioningConcat appends tokens but keeps the first mask; the model treats them as real."""
+    prompt = graph(text="a red circle")
+    prompt["enc2"] = {"class_type": "UniFusionEncode", "inputs": {"vlm": ["vlm", 0], "text": "on the left",
+                                                                  "system_prompt": ""}}
+    prompt["lap2"] = {"class_type": "UniFusionLAPPool", "inputs": {"model": ["model", 0], "features": ["enc2", 0],
+                                                                   "layer_gains": ""}}
+    prompt["cat"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["lap", 0],
+                                                                     "conditioning_from": ["lap2", 0]}}
+    prompt["neg"]["inputs"]["conditioning"] = ["cat", 0]
+    prompt["ks"]["inputs"]["positive"] = ["cat", 0]
+    assert image_of(server, server.run(prompt)).std() > 2.0

@@ -67,6 +67,22 @@ PROBE = textwrap.dedent('''
                 "model_type": with_vae.model_type.name, "latent_channels": fmt.latent_channels,
                 "rgb_factors": fmt.latent_rgb_factors, "rgb_factors_without_vae": dit.model.latent_format.latent_rgb_factors,
                 "memory_usage_factor": with_vae.memory_usage_factor}
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    previewer = latent_preview.get_previewer(device, fmt)
+    kind, preview, _ = previewer.decode_latent_to_preview_image("JPEG", torch.randn(1, 4, 8, 6))
+    settings["preview"] = [type(previewer).__name__, list(preview.size)]
+    from unifusion_pack.unifusion.checkpoint import load_model as library_model
+    reference, _ = library_model(ckpt)  # plain torch layers and SDPA
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    t, mask = torch.tensor([0.7, 0.3]), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        ours = with_vae.diffusion_model.float()(x, t, context=ctx, context_mask=mask)
+        theirs = reference(x, t, ctx, mask.bool())
+    settings["padded_mask_max_error"] = float((ours - theirs).abs().max())
+    settings["output_scale"] = float(theirs.abs().max())
     print(json.dumps({"settings": settings, "after_encode": after_encode, "unloaded": unloaded, "after_free": after_free,
                       "vlm_weight_memory_after_free": weight_memory, "reloaded": loaded(),
                       "same_features": bool(torch.equal(before, again))}))
@@ -109,3 +125,5 @@ def test_model_sampling_latent_format_and_preview_colours(comfy_dir: Path, comfy
     assert len(fitted) == 4 and all(len(row) == 3 for row in fitted)
     assert gray == [[0.25] * 3] * 4 and fitted != gray  # fitted to the decoder when the VAE is known
     assert report["memory_usage_factor"] > 0
+    assert report["padded_mask_max_error"] < 1e-4 * max(1.0, report["output_scale"])  # ComfyUI attention + mask
+    assert report["preview"] == ["Latent2RGBPreviewer", [6, 8]]  # live previews during sampling work
