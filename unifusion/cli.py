@@ -1,4 +1,4 @@
-"""`unifusion` command line: generate, edit and inspect checkpoints without ComfyUI.
+"""`unifusion` command line: generate, edit, inspect checkpoints and train, without ComfyUI.
 
 Every command defaults to the bundled demo model, so `unifusion generate "a red circle"`
 works right after installation.
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(edit)
     info = sub.add_parser("info", help="show the config and expected VLM of a checkpoint")
     info.add_argument("checkpoint", type=Path)
+    from .train.cli import add_commands
+
+    add_commands(sub)  # cache, train, lora, export
     return parser
 
 
@@ -133,6 +136,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "info":
             _info(args)
             return 0
+        handler = getattr(args, "train_handler", None)
+        if handler is not None:
+            return handler(args)
         paths = _run_sampling(args, args.image if args.command == "edit" else [])
     except UniFusionError as exc:
         sys.stderr.write(f"error: {exc}\n")
