@@ -51,10 +51,10 @@ def comfy_taesd_shapes(latent_channels):
     return shapes
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Training steps here are tiny: one thread avoids thread hand-off costs (large on a
-    busy 2-core machine) and keeps the fits fast."""
+    """The models and batches here are tiny: one thread avoids thread hand-off costs (large
+    on a busy 2-core machine) and keeps the file fast."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -196,7 +196,7 @@ def test_pixel_space_vae(tmp_path):
     assert vae.decode(torch.full((1, 3, 2, 2), 3.0)).max() == 1.0
 
 
-def test_quick_fit_lowers_reconstruction_error(one_thread):
+def test_quick_fit_lowers_reconstruction_error():
     # A narrow model on 32x32 demo renders keeps this fast; the shipped model is width 64.
     images = demo_images(64, 2, size=32)
     losses = []
@@ -215,7 +215,7 @@ def test_quick_fit_lowers_reconstruction_error(one_thread):
     assert abs(float(latents.mean())) < 1e-3 and abs(float(latents.std()) - 1) < 1e-3
 
 
-def test_training_is_deterministic_and_checks_inputs(one_thread):
+def test_training_is_deterministic_and_checks_inputs():
     images = demo_images(8, 3, size=16)
     a = train_vae(images, steps=3, seed=5, width=4, batch_size=2, crop=8)
     b = train_vae(images, steps=3, seed=5, width=4, batch_size=2, crop=8)
