@@ -1,0 +1,155 @@
+"""The stages of `train-demo`, each a function from the recipe (and earlier results) to files.
+
+VLM and autoencoder training live in `vlm_training` and `unifusion.vae`; the feature cache,
+the trainer and the release export are the training pipeline's (`unifusion.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from .batch_verifi import verifi_rewrite_batch
+from .grammar import sample_edits, sample_t2i
+from .recipe import DemoRecipe, dit_config
+from .vlm_training import evaluate_rewrites, train_demo_vlm
+from .world import random_count_scene, random_scene, render
+
+logger = logging.getLogger("unifusion.demo.train")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def stage_vlm(recipe: DemoRecipe, folder: Path) -> tuple[Any, dict[str, float]]:
+    """Train and save the VLM, then reload it from ``folder`` (what users will load) and score it."""
+    from ..vlm.loader import load_vlm
+
+    vlm_cfg = replace(recipe.vlm, seed=recipe.seed)
+    shutil.rmtree(folder, ignore_errors=True)
+    train_demo_vlm(folder, vlm_cfg)
+    vlm = load_vlm(folder)
+    metrics = evaluate_rewrites(vlm, recipe.vlm_eval_count) if recipe.vlm_eval_count else {}
+    logger.info("vlm metrics: %s", json.dumps(metrics))
+    return vlm, metrics
+
+
+def _pixels(scenes: Sequence[Any]) -> torch.Tensor:
+    arrays = np.stack([np.asarray(render(s), dtype=np.float32) / 255.0 for s in scenes])  # (N, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:
+    """Fit the autoencoder on rendered scenes (a quarter count scenes), save, reload and score.
+    ``threads`` sets torch's thread count first (for a worker process)."""
+    from ..vae import load_vae, save_vae, train_vae
+    from .evaluate import evaluate_vae
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    rng = random.Random(recipe.seed)
+    scenes = [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)]
+    model = train_vae(_pixels(scenes), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
+                      crop=recipe.vae_crop)
+    save_vae(model, path, metadata={"source": "unifusion train-demo"})
+    vae = load_vae(path)
+    metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
+    logger.info("vae metrics: %s", json.dumps(metrics))
+    return vae, metrics
+
+
+def vae_job(recipe: DemoRecipe, path: Path, threads: int) -> tuple[dict[str, float], dict[str, float]]:
+    """`stage_vae` in a worker process (spawned: logging is set up again there);
+    returns its metrics and its wall/CPU seconds."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    wall, cpu = time.monotonic(), time.process_time()
+    metrics = stage_vae(recipe, path, threads)[1]
+    return metrics, {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+
+
+def demo_records(recipe: DemoRecipe) -> list[Any]:
+    """Text-to-image and single-reference edit samples of the training split, as dataset records."""
+    from ..train.datasets import edit_from_samples, t2i_from_samples
+
+    t2i = sample_t2i(recipe.t2i_samples, recipe.seed, split="train")
+    edits = sample_edits(recipe.edit_samples, recipe.seed + 1, split="train")
+    return (t2i_from_samples([(render(s.scene), s.caption) for s in t2i], name="demo_t2i")
+            + edit_from_samples([([render(e.source)], e.instruction, render(e.target)) for e in edits],
+                                name="demo_edit"))
+
+
+def stage_cache(recipe: DemoRecipe, vlm: Any, vae: Any, folder: Path) -> Any:
+    from ..train.cache_build import build_cache
+
+    with torch.no_grad():
+        return build_cache(demo_records(recipe), vlm, vae, folder, resolution=64, verifi=True,
+                           verifi_max_new_tokens=recipe.verifi_max_new_tokens, recon=True, recon_tiles=1,
+                           batch_size=recipe.cache_batch_size, seed=recipe.seed, overwrite=True,
+                           verifi_batch=verifi_rewrite_batch,
+                           progress=lambda done, total: logger.info("cache shard %d/%d", done, total))
+
+
+def _step_logger(label: str, every: int) -> Any:
+    def log(info: Any) -> None:
+        if info.step % every == 0 or info.step == 1:
+            logger.info("%s step %d loss %.4f lr %.2e", label, info.step, info.loss, info.lr)
+    return log
+
+
+def _recipe_config(recipe: DemoRecipe, stage: str, **overrides: Any) -> Any:
+    from ..train.recipe import TrainConfig
+
+    steps = recipe.t2i_steps if stage == "t2i" else recipe.edit_steps
+    return TrainConfig(
+        steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
+        warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
+        seed=recipe.seed, cond_dropout=recipe.cond_dropout, recon_prob=recipe.recon_prob,
+        verifi_prob=recipe.verifi_prob, stage=stage, save_every=max(steps, 1), keep_last=1,
+        log_every=max(1, min(50, steps)), **overrides)
+
+
+def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path) -> Path:
+    from ..train.export import export_release
+    from ..train.run import model_config_for_cache, train
+
+    config = model_config_for_cache(cache, dit_config(recipe), lap_heads=recipe.lap_heads,
+                                    refiner_blocks=recipe.refiner_blocks, extra={"demo": "unifusion train-demo"})
+    result = train(cache.folder, work / "t2i", config, _recipe_config(recipe, "t2i"), resume=None,
+                   callbacks=[_step_logger("t2i", 100)], progress=False)
+    return export_release(result.state_dir, work / "t2i.safetensors")
+
+
+def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path) -> Path:
+    from ..train.export import export_release
+    from ..train.run import train
+
+    result = train(cache.folder, work / "edit", None, _recipe_config(recipe, "edit", init_from=str(init)),
+                   resume=None, callbacks=[_step_logger("edit", 100)], progress=False)
+    return export_release(result.state_dir, out)
+
+
+def stage_eval(count: int, out: Path, grid: Optional[Path] = None) -> dict[str, float]:
+    """The demo benchmark over ``count`` prompts per task through `UniFusionPipeline` loaded
+    from ``out``; ``grid`` also saves the README grid of real outputs there."""
+    from ..pipeline import UniFusionPipeline
+    from .evaluate import default_grid, evaluate_all
+
+    pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE)
+    metrics = evaluate_all(pipe, count) if count else {}
+    logger.info("benchmark: %s", json.dumps(metrics))
+    if grid is not None:
+        grid.parent.mkdir(parents=True, exist_ok=True)
+        default_grid(pipe).save(grid)
+        logger.info("saved the output grid to %s", grid)
+    return metrics

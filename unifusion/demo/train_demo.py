@@ -1,0 +1,272 @@
+"""`unifusion train-demo`: train the bundled demo model end to end with the real pipeline.
+
+Stages (`stages`), each logged with its wall and CPU time:
+
+1. ``vlm``   tiny InternVL (-hf) trained to caption and Verifi-rewrite (`vlm_training`);
+2. ``vae``   TAESD-layout autoencoder on rendered scenes (`unifusion.vae.train_vae`), in a
+   second process beside the VLM by default;
+3. ``cache`` feature cache of text-to-image and single-reference edit samples: plain and
+   Verifi features (training system prompt), reconstruction features, VAE latents
+   (`unifusion.train.build_cache`);
+4. ``t2i``   DiT + LAP text to image with condition dropout, ~3% reconstruction batches and
+   Verifi features (`unifusion.train.train`), exported with its EMA weights;
+5. ``edit``  finetune on single-reference edits only, exported as the release checkpoint
+   (``extra["sampling_shift"]`` set by the exporter);
+6. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
+
+``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
+``train_demo_report.json`` (recipe, metrics, timings). Everything is seeded: with the same
+``--threads`` a re-run writes the same tensors (file bytes may differ only in the order of
+safetensors metadata, so digests are taken over the content). With a kept ``--work``
+folder, stages whose settings and inputs did not change are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from .recipe import DemoRecipe, quick_recipe
+from .stages import LOG_FORMAT, stage_cache, stage_edit, stage_eval, stage_t2i, stage_vae, stage_vlm, vae_job
+
+logger = logging.getLogger("unifusion.demo.train")
+
+REPORT_NAME = "train_demo_report.json"
+EVAL_NAME = "eval_report.json"
+
+
+class StageTimer:
+    """Wall and CPU seconds per stage, logged as each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        logger.info("stage %s: start", name)
+        wall, cpu = time.monotonic(), time.process_time()
+        yield
+        self.seconds[name] = {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        logger.info("stage %s: done in %.1fs (cpu %.1fs)", name, self.seconds[name]["wall_s"],
+                    self.seconds[name]["cpu_s"])
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's content; for safetensors the sorted metadata and every tensor, since
+    the library writes its metadata map in an order that changes from process to process."""
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name)
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_digests(out: Path) -> dict[str, str]:
+    """Content digests of every shipped model file (the report is left out: it holds timings)."""
+    files = [out / DEMO_CHECKPOINT, out / DEMO_VAE] + sorted((out / DEMO_VLM).glob("*"))
+    return {str(p.relative_to(out)): content_digest(p) for p in files if p.is_file()}
+
+
+STAGE_PARAMS = {
+    "vlm": ("seed", "vlm", "vlm_eval_count"),
+    "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop"),
+    "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "cache_batch_size"),
+    "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
+            "batch_size", "t2i_steps", "t2i_lr", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
+            "verifi_prob"),
+    "edit": ("edit_steps", "edit_lr"),
+}
+UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",)}
+MARKERS = "stages.json"
+
+
+def stage_fingerprints(recipe: DemoRecipe) -> dict[str, str]:
+    """A hash per stage of its own settings and its upstream stages' hashes: a stage is
+    redone exactly when something that feeds it changed."""
+    raw = recipe.to_dict()
+    out: dict[str, str] = {}
+    for stage in ("vlm", "vae", "cache", "t2i", "edit"):
+        payload = {"params": {k: raw[k] for k in STAGE_PARAMS[stage]},
+                   "upstream": [out[u] for u in UPSTREAM[stage]], "threads": torch.get_num_threads()}
+        out[stage] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return out
+
+
+class StageLog:
+    """``work/stages.json``: which stages finished with which fingerprint, and their metrics."""
+
+    def __init__(self, work: Path, fingerprints: dict[str, str], reuse: bool) -> None:
+        self.path, self.fingerprints, self.reuse = work / MARKERS, fingerprints, reuse
+        self.done: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8")) if self.path.is_file() else {}
+
+    def finished(self, stage: str, *outputs: Path) -> bool:
+        entry = self.done.get(stage, {})
+        ok = (self.reuse and entry.get("fingerprint") == self.fingerprints[stage]
+              and all(p.exists() for p in outputs))
+        if ok:
+            logger.info("stage %s: reusing the finished result (fingerprint %s)", stage, self.fingerprints[stage])
+        return ok
+
+    def metrics(self, stage: str) -> dict[str, float]:
+        return dict(self.done.get(stage, {}).get("metrics", {}))
+
+    def mark(self, stage: str, metrics: Optional[dict[str, float]] = None) -> None:
+        self.done[stage] = {"fingerprint": self.fingerprints[stage], "metrics": metrics or {}}
+        self.path.write_text(json.dumps(self.done, indent=1), encoding="utf-8")
+
+
+def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evaluate: bool = True,
+               reuse: bool = True, jobs: int = 2, grid: Optional[Path] = None) -> dict[str, Any]:
+    """Run every stage into ``out``; returns (and writes) the report. With a kept ``work``
+    folder and ``reuse``, stages whose settings and inputs did not change are skipped.
+    ``jobs=2`` trains the autoencoder in a second process beside the VLM."""
+    from ..train.cache import FeatureCache
+    from ..vae import load_vae
+    from ..vlm.loader import load_vlm
+
+    out.mkdir(parents=True, exist_ok=True)
+    timer = StageTimer()
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": torch.get_num_threads(), "metrics": {}}
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unifusion-train-demo-")))
+        work.mkdir(parents=True, exist_ok=True)
+        log = StageLog(work, stage_fingerprints(recipe), reuse)
+        started = time.monotonic()
+        vae_future = None
+        if jobs > 1 and not log.finished("vae", out / DEMO_VAE):
+            # The autoencoder trains in a second process while the VLM trains here.
+            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+            vae_future = pool.submit(vae_job, recipe, out / DEMO_VAE, torch.get_num_threads())
+            logger.info("stage vae: started in a worker process")
+        with timer.stage("vlm"):
+            if log.finished("vlm", out / DEMO_VLM / "config.json"):
+                vlm = load_vlm(out / DEMO_VLM)
+            else:
+                vlm, metrics = stage_vlm(recipe, out / DEMO_VLM)
+                log.mark("vlm", metrics)
+        if vae_future is not None:
+            metrics, timer.seconds["vae"] = vae_future.result()
+            log.mark("vae", metrics)
+            logger.info("stage vae: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["vae"]["wall_s"],
+                        timer.seconds["vae"]["cpu_s"])
+        else:
+            with timer.stage("vae"):
+                if not log.finished("vae", out / DEMO_VAE):
+                    log.mark("vae", stage_vae(recipe, out / DEMO_VAE)[1])
+        vae = load_vae(out / DEMO_VAE)
+        with timer.stage("cache"):
+            if log.finished("cache", work / "cache" / "index.json"):
+                cache = FeatureCache(work / "cache")
+            else:
+                cache = stage_cache(recipe, vlm, vae, work / "cache")
+                log.mark("cache")
+        with timer.stage("t2i"):
+            t2i = work / "t2i.safetensors"
+            if not log.finished("t2i", t2i):
+                stage_t2i(recipe, cache, work)
+                log.mark("t2i")
+        with timer.stage("edit"):
+            if not log.finished("edit", out / DEMO_CHECKPOINT):
+                stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
+                log.mark("edit")
+        report["train_wall_s"] = round(time.monotonic() - started, 1)
+        report["metrics"].update({"vlm": log.metrics("vlm"), "vae": log.metrics("vae")})
+        if (evaluate and recipe.eval_count) or grid is not None:
+            with timer.stage("eval"):
+                report["metrics"]["benchmark"] = stage_eval(recipe.eval_count if evaluate else 0, out, grid)
+    report["stages"] = timer.seconds
+    report["files"] = file_digests(out)
+    report["sizes_bytes"] = {name: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*"))
+                             for name, p in ((n, out / n) for n in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE))}
+    (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    logger.info("train-demo finished in %.1fs of training; files in %s", report["train_wall_s"], out)
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unifusion train-demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The train-demo options (also mounted by the `unifusion` CLI)."""
+    p.add_argument("--out", type=Path, default=ASSETS_DIR, help="where the demo files go (default: the bundled assets)")
+    p.add_argument("--work", type=Path, help="keep the feature cache and training states here (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a minutes-long smoke run with tiny sizes (nothing is learned)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical re-runs; 1 on a busy machine)")
+    p.add_argument("--no-eval", action="store_true", help="skip the benchmark at the end")
+    p.add_argument("--jobs", type=int, default=2, choices=[1, 2],
+                   help="2: train the autoencoder in a second process beside the VLM; 1: one after the other")
+    p.add_argument("--grid", type=Path, help="also save a grid of real outputs (PNG) here, e.g. docs/demo_grid.png")
+    p.add_argument("--eval-only", action="store_true",
+                   help="train nothing: score the files already in --out (and draw --grid)")
+    p.add_argument("--redo", action="store_true",
+                   help="redo every stage even when --work holds finished ones with the same settings")
+    for name, kind in (("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int), ("edit-steps", int),
+                       ("t2i-samples", int), ("edit-samples", int), ("eval-count", int)):
+        p.add_argument(f"--{name}", type=kind, help="override the recipe's value")
+
+
+def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
+    recipe = quick_recipe(args.seed) if args.quick else DemoRecipe(seed=args.seed)
+    overrides = {name: getattr(args, name) for name in ("vae_steps", "t2i_steps", "edit_steps", "t2i_samples",
+                                                        "edit_samples", "eval_count")
+                 if getattr(args, name) is not None}
+    recipe = replace(recipe, **overrides)
+    if args.vlm_steps is not None:
+        recipe = replace(recipe, vlm=replace(recipe.vlm, steps=args.vlm_steps))
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry for a parsed namespace (the `unifusion` CLI calls this)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if logging.getLogger("unifusion").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("unifusion").setLevel(logging.INFO)  # stage progress is the point of this command
+    recipe = recipe_from_args(args)
+    if args.eval_only:
+        metrics = stage_eval(recipe.eval_count, args.out, args.grid)
+        (args.out / EVAL_NAME).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+        return 0
+    train_demo(args.out, recipe, work=args.work, evaluate=not args.no_eval, reuse=not args.redo, jobs=args.jobs,
+               grid=args.grid)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
