@@ -32,12 +32,11 @@ logger = logging.getLogger("benchmarks")
 
 def setup(threads: int = 1) -> None:
     """One torch thread (stable CPU timings on a shared machine; 0 keeps torch's default) and
-    plain logging to stdout, quiet libraries."""
+    plain logging to stdout: the benchmarks' own lines, warnings and errors of everything else."""
     if threads > 0:
         torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    for name in ("transformers", "unifusion", "unifusion_pack", "comfy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    logger.setLevel(logging.INFO)
 
 
 def timed(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
@@ -144,13 +143,14 @@ def comfyui_dir(explicit: Optional[str] = None) -> Optional[Path]:
     return path
 
 
-def import_comfy(comfy_dir: Path, cpu: bool = True) -> ModuleType:
-    """Make ``import comfy...`` work in this process, with ComfyUI's own argument defaults
-    (``--cpu`` unless told otherwise: without it ComfyUI asks CUDA for a device). Returns comfy.model_management."""
+def import_comfy(comfy_dir: Path, cpu: bool = True, args: Sequence[str] = ()) -> ModuleType:
+    """Make ``import comfy...`` work in this process, parsing ComfyUI's command line as ``args``
+    plus ``--cpu`` unless told otherwise (without it ComfyUI asks CUDA for a device). The first
+    call fixes the arguments. Returns comfy.model_management."""
     if str(comfy_dir) not in sys.path:
         sys.path.insert(0, str(comfy_dir))
     argv = sys.argv
-    sys.argv = [argv[0]] + (["--cpu"] if cpu else [])
+    sys.argv = [argv[0]] + (["--cpu"] if cpu else []) + list(args)
     try:
         import comfy.options
 
