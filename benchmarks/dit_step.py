@@ -152,13 +152,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="default: float32 on CPU (as ComfyUI runs there), bfloat16 on CUDA")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--comfy-arg", action="append", default=[], dest="comfy_args",
+                        help="ComfyUI command-line argument (repeatable), e.g. --comfy-arg=--use-pytorch-cross-"
+                             "attention: the attention ComfyUI picks on NVIDIA GPUs, instead of sub-quadratic on CPU")
     args = parser.parse_args(argv)
     setup(args.threads)
     comfy_dir = comfyui_dir(args.comfyui)
     if comfy_dir is None:
         raise SystemExit("dit_step.py compares against ComfyUI's blocks: pass --comfyui DIR or set COMFYUI_DIR")
     device = torch.device(args.device)
-    import_comfy(comfy_dir, cpu=device.type == "cpu")
+    import_comfy(comfy_dir, cpu=device.type == "cpu", args=args.comfy_args)
     from comfy.ldm.modules.attention import optimized_attention
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
