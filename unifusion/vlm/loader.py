@@ -1,6 +1,8 @@
 """Load a local transformers VLM folder as the frozen condition encoder.
 
-Only local folders are read (``local_files_only=True``). Supported: InternVL in the
+Only local folders are read (``local_files_only=True``) and only safetensors weights
+(``use_safetensors=True``): a folder with nothing but pickled ``.bin``/``.pt`` weights is
+refused before transformers could ``torch.load`` it. Supported: InternVL in the
 native ``-hf`` layout (``InternVLForConditionalGeneration``), Qwen2.5-VL, Qwen3-VL and any
 other ``AutoModelForImageTextToText`` model whose decoder layers can be found (text
 prompts only for those). The tokenizer and the image processor are loaded separately
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..config import ConfigError, VLMIdentity, default_layer_selection
@@ -38,6 +41,7 @@ FAMILY_BY_MODEL_TYPE = {
 HF_INTERNVL_HINT = "OpenGVLab/InternVL2_5-8B-MPO-hf"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+_PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 class VLMLoadError(UniFusionError, ValueError):
@@ -175,6 +179,19 @@ def _check_files(folder: Path) -> None:
         )
 
 
+def _check_weights(folder: Path) -> None:
+    """Safetensors weights only: pickled files can run code when loaded, so they are never read."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in _PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise VLMLoadError(
+            f"{folder} holds only pickled weights ({', '.join(pickled[:3])}), which are never loaded because "
+            "unpickling can run code; download the repository's .safetensors files instead"
+        )
+    raise VLMLoadError(f"{folder} has no weights (model.safetensors or its shards); download the model folder again")
+
+
 def _chat_template(folder: Path, tokenizer: Any) -> None:
     """Processor-level templates (chat_template.json / .jinja) also count; the tokenizer needs one."""
     if getattr(tokenizer, "chat_template", None):
@@ -207,6 +224,7 @@ def load_vlm(
     raw = _read_config(folder)
     _check_config(folder, raw, trust_remote_code)
     _check_files(folder)
+    _check_weights(folder)
     if trust_remote_code:
         logger.warning("loading %s with trust_remote_code=True: Python code from that folder will run", folder)
     common = dict(local_files_only=True, trust_remote_code=trust_remote_code)
@@ -214,11 +232,15 @@ def load_vlm(
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
         image_processor = AutoImageProcessor.from_pretrained(folder, **common)
     except (OSError, ValueError, KeyError) as exc:
-        raise VLMLoadError(f"cannot load the tokenizer/image processor of {folder}: {exc}") from exc
+        raise VLMLoadError(
+            f"cannot load the tokenizer/image processor of {folder} ({exc}); copy the tokenizer files "
+            f"({', '.join(_TOKENIZER_FILES)}) and {_IMAGE_PROCESSOR_FILES[0]} from the model repository"
+        ) from exc
     _chat_template(folder, tokenizer)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device_map=str(device), **common)
-    except (OSError, ValueError, KeyError) as exc:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device_map=str(device),
+                                                            use_safetensors=True, **common)
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise VLMLoadError(f"cannot load the weights of {folder} ({exc}); download the model folder again") from exc
     model.eval().requires_grad_(False)
     try:
