@@ -40,12 +40,15 @@ class UniFusionLAPPool(io.ComfyNode):
         return io.NodeOutput(lap_conditioning(model, features, layer_gains))
 
 
+NODE_NAME = "UniFusion Text Encode"
+
+
 class UniFusionTextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="UniFusionTextEncode",
-            display_name="UniFusion Text Encode",
+            display_name=NODE_NAME,
             category=CATEGORY,
             description="Prompt (+ references) to CONDITIONING in one node: VLM encode or Verifi rewrite, then "
                         "LAP. Always captures the VLM layers the checkpoint was trained on.",
@@ -78,9 +81,9 @@ class UniFusionTextEncode(io.ComfyNode):
         node_id = cls.hidden.unique_id
         if verifi:
             features = verifi_features(vlm, text, references, DEFAULT_SYSTEM_PROMPT, max_new_tokens, 0, False,
-                                       node_id=node_id, layers=layers)
+                                       node_id=node_id, layers=layers, node=NODE_NAME)
         else:
-            features = encode_features(vlm, text, references, node_id=node_id, layers=layers)
+            features = encode_features(vlm, text, references, node_id=node_id, layers=layers, node=NODE_NAME)
         prompt = features.rewritten if verifi else text
         ui = {"unifusion_summary": [features.summary]}
         if verifi:

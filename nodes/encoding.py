@@ -17,45 +17,50 @@ from ..unifusion.vlm.encode import VLMFeatures, encode
 from ..unifusion.vlm.verifi import verifi_rewrite
 from .inputs import check_prompt, encode_summary, layer_positions, parse_gains
 from .model import compute_dtype
-from .values import ConditionFeatures, Reference, split_references
-from .vlm import progress_callback, use_vlm, vlm_identity
+from .values import ConditionFeatures, Reference, reference_pixels, split_references
+from .vlm import library_warnings, progress_callback, use_vlm, vlm_identity
 
 DEFAULT_TILES = 6
 
 
-def _summary(features: VLMFeatures, tiles: Sequence[int], prefix: str = "") -> str:
+def _summary(features: VLMFeatures, tiles: Sequence[int], prefix: str = "", warnings: Sequence[str] = ()) -> str:
     mask = features.attention_mask
-    return prefix + encode_summary(int(mask.sum()), int((features.keep & mask).sum()), tiles,
-                                   int((features.is_image & mask).sum()))
+    notes = "".join(f"WARNING: {w}. " for w in warnings)  # first, where the artist sees it
+    return notes + prefix + encode_summary(int(mask.sum()), int((features.keep & mask).sum()), tiles,
+                                           int((features.is_image & mask).sum()))
 
 
 def encode_features(vlm: comfy.model_patcher.ModelPatcher, text: str, references: Optional[Sequence[Reference]],
                     system_prompt: str = "", node_id: Optional[str] = None, layers: Optional[Sequence[int]] = None,
-                    ) -> ConditionFeatures:
+                    node: str = "UniFusion Encode") -> ConditionFeatures:
     """Prompt + references -> selected-layer features (the paper's keep rule, no rewrite)."""
     images, tiles = split_references(references)
-    text = check_prompt(text, len(images), "UniFusion Encode")
+    text = check_prompt(text, len(images), node)
     loaded = use_vlm(vlm, layers)
-    features = encode(loaded, text, images, max_tiles=tiles or DEFAULT_TILES,
-                      system_prompt=(system_prompt or "").strip() or None, progress=progress_callback(node_id))
+    with library_warnings() as warnings:
+        features = encode(loaded, text, [reference_pixels(image) for image in images],
+                          max_tiles=tiles or DEFAULT_TILES, system_prompt=(system_prompt or "").strip() or None,
+                          progress=progress_callback(node_id))
     features = features.to(comfy.model_management.intermediate_device())
-    return ConditionFeatures(features, loaded.identity, _summary(features, tiles))
+    return ConditionFeatures(features, loaded.identity, _summary(features, tiles, warnings=warnings))
 
 
 def verifi_features(vlm: comfy.model_patcher.ModelPatcher, text: str, references: Optional[Sequence[Reference]],
                     system_prompt: str, max_new_tokens: int, seed: int, do_sample: bool,
-                    node_id: Optional[str] = None, layers: Optional[Sequence[int]] = None) -> ConditionFeatures:
+                    node_id: Optional[str] = None, layers: Optional[Sequence[int]] = None,
+                    node: str = "UniFusion Verifi Rewrite") -> ConditionFeatures:
     """The VLM rewrites the prompt; the features are those of the generated tokens (+ images)."""
     images, tiles = split_references(references)
-    text = check_prompt(text, len(images), "UniFusion Verifi Rewrite")
+    text = check_prompt(text, len(images), node)
     loaded = use_vlm(vlm, layers)
-    result = verifi_rewrite(loaded, text, images, system_prompt=system_prompt or "", max_new_tokens=max_new_tokens,
-                            do_sample=do_sample, seed=seed, max_tiles=tiles or DEFAULT_TILES,
-                            progress=progress_callback(node_id))
+    with library_warnings() as warnings:
+        result = verifi_rewrite(loaded, text, [reference_pixels(image) for image in images],
+                                system_prompt=system_prompt or "", max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                seed=seed, max_tiles=tiles or DEFAULT_TILES, progress=progress_callback(node_id))
     features = result.features.to(comfy.model_management.intermediate_device())
     cut = "" if result.finished else " (cut at max_new_tokens)"
     prefix = f"rewrite: {result.generated_token_count} tokens{cut}; "
-    return ConditionFeatures(features, loaded.identity, _summary(features, tiles, prefix), result.text)
+    return ConditionFeatures(features, loaded.identity, _summary(features, tiles, prefix, warnings), result.text)
 
 
 def checkpoint_name(model: comfy.model_patcher.ModelPatcher) -> str:

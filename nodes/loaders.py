@@ -32,13 +32,17 @@ class UniFusionVLMLoader(io.ComfyNode):
                                         "from 4, what UniFusion checkpoints use), 'all', or numbers like "
                                         "'4, 7, 10'. UniFusion LAP Pool needs the checkpoint's layers among "
                                         "them; UniFusion Text Encode always uses the checkpoint's."),
+                io.Boolean.Input("trust_remote_code", default=False, optional=True,
+                                 tooltip="Off (safe): only VLMs that transformers supports natively load. On: "
+                                         "Python code shipped in the model folder runs when it loads; turn it on "
+                                         "only for a folder whose code you trust."),
             ],
             outputs=[VLM.Output(display_name="vlm", tooltip="The VLM, managed by ComfyUI's memory manager.")],
         )
 
     @classmethod
-    def execute(cls, vlm: str, dtype: str, layers: str) -> io.NodeOutput:
-        return io.NodeOutput(load_vlm_patcher(paths.vlm_path(vlm), dtype, layers))
+    def execute(cls, vlm: str, dtype: str, layers: str, trust_remote_code: bool = False) -> io.NodeOutput:
+        return io.NodeOutput(load_vlm_patcher(paths.vlm_path(vlm), dtype, layers, trust_remote_code))
 
 
 class UniFusionModelLoader(io.ComfyNode):

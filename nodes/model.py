@@ -28,8 +28,9 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..unifusion.checkpoint import load_state_dict
 from ..unifusion.config import UniFusionConfig
-from ..unifusion.errors import CheckpointError
+from ..unifusion.errors import CheckpointError, InputError
 from ..unifusion.model import UniFusionModel
+from .finite import nonfinite_problem
 from .memory import memory_usage_factor
 from .preview import factors_from_vae_file, gray_factors
 
@@ -78,6 +79,9 @@ class UniFusionDiffusionModel(UniFusionModel):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 control: Any = None, transformer_options: Optional[dict] = None,
                 context_mask: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+        problem = nonfinite_problem(x, context, transformer_options)
+        if problem:
+            raise InputError(problem)
         # The mask may arrive cast to the model dtype (ComfyUI casts non-integer conds).
         mask = None if context_mask is None else context_mask > 0.5  # (B, S) bool
         if mask is not None and context is not None and mask.shape[1] < context.shape[1]:

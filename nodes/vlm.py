@@ -8,9 +8,11 @@ the room. It is loaded in full: partial (low-VRAM) loading only works for comfy.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -18,7 +20,9 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 
+from .. import unifusion as library
 from ..unifusion.config import VLMIdentity
+from ..unifusion.errors import InputError
 from ..unifusion.vlm.loader import LoadedVLM, load_vlm
 from .inputs import parse_layers
 
@@ -45,12 +49,17 @@ def default_vlm_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(device) else torch.float32
 
 
-def load_vlm_patcher(folder: Path, dtype_name: str, layers: str) -> comfy.model_patcher.ModelPatcher:
-    """Load a VLM folder on the offload device and wrap it for ComfyUI's memory manager."""
+def load_vlm_patcher(folder: Path, dtype_name: str, layers: str, trust_remote_code: bool = False,
+                     ) -> comfy.model_patcher.ModelPatcher:
+    """Load a VLM folder on the offload device and wrap it for ComfyUI's memory manager.
+    ``trust_remote_code`` stays off unless the user turns it on in the loader node (the
+    library then logs a warning naming the folder)."""
+    if dtype_name not in VLM_DTYPES:  # ComfyUI does not check V3 combo values against their options
+        raise InputError(f"dtype: {dtype_name!r} is not one of {list(VLM_DTYPES)}; pick one from the list")
     mm = comfy.model_management
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = VLM_DTYPES[dtype_name] or default_vlm_dtype(load_device)
-    loaded = load_vlm(folder, dtype=dtype, device=offload_device)
+    loaded = load_vlm(folder, dtype=dtype, device=offload_device, trust_remote_code=bool(trust_remote_code))
     loaded = replace(loaded, selected_layers=parse_layers(layers, loaded.num_layers))
     return comfy.model_patcher.ModelPatcher(VLMHolder(loaded), load_device=load_device, offload_device=offload_device)
 
@@ -80,3 +89,25 @@ def progress_callback(node_id: Optional[str] = None) -> Callable[[int, int], Non
         bar[0].update_absolute(done, total)
 
     return progress
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def library_warnings() -> Iterator[list[str]]:
+    """The warnings the library logs meanwhile (e.g. a prompt cut at the VLM's length limit),
+    so the node can show them: a line in the server console is easy to miss."""
+    handler = _Collect()
+    log = logging.getLogger(library.__name__)
+    log.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)

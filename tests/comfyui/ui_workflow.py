@@ -6,6 +6,8 @@ subset our example workflows need, following the frontend's rules:
 - widget values are matched to inputs by the node's ``object_info`` input order (required, then
   optional); an input with ``control_after_generate`` or named ``seed``/``noise_seed`` stores one
   extra value (the "randomize"/"fixed" control), a media-upload combo one extra ("upload" button);
+  a node saved by an older version with fewer values keeps the defaults of the widgets it lacks
+  (the frontend's ``LGraphNode.configure`` assigns only the values present);
 - nodes in mode 2 (muted) are dropped; nodes in mode 4 (bypassed) pass their input of the matching
   type through; virtual nodes (Reroute, PrimitiveNode, Note, MarkdownNote) are resolved or dropped,
   a PrimitiveNode's value already sits in its target's widget values;
@@ -67,7 +69,7 @@ def _widget_values(node: dict, info: dict) -> dict[str, Any]:
             if _is_widget(name, spec, ui_inputs.get(name)) or (with_forced and forced):
                 names.append((name, spec, forced))
                 slots += 1 + _extra_slots(name, spec)
-        if slots == len(values) or not values:
+        if slots == len(values) or not values or (not with_forced and len(values) < slots):
             break
     else:
         raise WorkflowConversionError(
