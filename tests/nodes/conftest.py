@@ -1,33 +1,9 @@
-"""Load the repo as a package (as ComfyUI does) so the pure node helpers and their relative
-imports work without ComfyUI; `nodes/__init__.py` imports nothing ComfyUI-specific here."""
-
-from __future__ import annotations
-
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
+"""Fixtures for the pure node-helper tests (the loader lives in node_pack.py, a module name
+no other test folder uses, so importing it never picks up another folder's conftest)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "unifusion_pack"
-
-
-def _pack() -> ModuleType:
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
-
-
-def pack_module(name: str) -> ModuleType:
-    """``pack_module("nodes.inputs")`` -> the pack's module of that name."""
-    _pack()
-    return importlib.import_module(f"{PACK}.{name}")
+from node_pack import pack_module
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import pack_module
+from node_pack import pack_module
 
 folders = pack_module("nodes.folders")
 InputError = pack_module("unifusion.errors").InputError

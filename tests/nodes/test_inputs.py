@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import pack_module
+from node_pack import pack_module
 
 inputs = pack_module("nodes.inputs")
 InputError = pack_module("unifusion.errors").InputError

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import pack_module
+from node_pack import pack_module
 
 memory = pack_module("nodes.memory")
 DiTConfig = pack_module("unifusion.config").DiTConfig

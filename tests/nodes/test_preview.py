@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import pack_module
+from node_pack import pack_module
 
 preview = pack_module("nodes.preview")
 vae_mod = pack_module("unifusion.vae")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import pack_module
+from node_pack import pack_module
 
 values = pack_module("nodes.values")
 InputError = pack_module("unifusion.errors").InputError
