@@ -118,3 +118,9 @@ def test_tiles_without_thumbnail_and_qwen_budget():
         max_pixels_for_tiles(0)
     with pytest.raises(InputError, match="max_tiles"):
         tile_grid(10, 10, 448, 0)
+
+
+def test_uint8_torch_tensor_reads_like_numpy():
+    arr = (np.arange(48 * 40 * 3) % 256).astype(np.uint8).reshape(48, 40, 3)
+    from_torch = to_pil(torch.from_numpy(arr))
+    assert np.array_equal(np.asarray(from_torch), np.asarray(to_pil(arr)))

@@ -125,7 +125,9 @@ def to_pil(
     elif isinstance(image, np.ndarray):
         rgb = _array_to_pil(image, name)
     elif hasattr(image, "detach") and hasattr(image, "cpu"):
-        rgb = _array_to_pil(image.detach().cpu().float().numpy(), name)
+        tensor = image.detach().cpu()
+        # bf16/fp16 have no numpy dtype; integer tensors keep theirs so uint8 stays 0..255
+        rgb = _array_to_pil((tensor.float() if tensor.is_floating_point() else tensor).numpy(), name)
     else:
         raise InputError(f"{name} is a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor")
     return _resize_for_model(rgb, min_side, max_side, max_aspect)
