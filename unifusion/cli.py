@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_commands
 
     add_commands(sub)  # cache, train, lora, export
+    # listed here for --help; main() hands its arguments to the demo trainer's own parser
+    sub.add_parser("train-demo", add_help=False,
+                   help="train the bundled demo model end to end (`unifusion train-demo --help`)")
     return parser
 
 
@@ -130,6 +133,11 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train-demo"]:
+        from .demo.train_demo import main as train_demo_main
+
+        return train_demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
