@@ -195,3 +195,33 @@ def test_operations_without_rmsnorm_fall_back_and_are_used():
     assert all(p.dtype == torch.float64 for p in model.parameters())
     meta = LAPConditioner(CFG, device="meta")
     assert all(p.is_meta for p in meta.parameters())
+
+
+def test_chunked_pooling_equals_one_pass(pool):
+    x = features(b=3, s=7)
+    whole = pool(x, chunk_tokens=10_000)
+    for chunk in (1, 4, 20):
+        torch.testing.assert_close(pool(x, chunk_tokens=chunk), whole, atol=1e-5, rtol=1e-4)  # GEMM blocking only
+    with pytest.raises(InputError, match="chunk_tokens"):
+        pool(x, chunk_tokens=0)
+
+
+@pytest.mark.parametrize("mode", ["last", "mean"])
+def test_baseline_pooling_matches_manual_reference(mode):
+    cfg = LAPConfig(vlm_hidden_size=8, num_vlm_layers=3, out_dim=8, num_heads=2, refiner_heads=2, pooling=mode)
+    p = randomize(LayerwiseAttentionPooling(cfg), seed=2)
+    assert len(p.blocks) == 0 and p.fc.weight.shape == (8, 8)
+    x = features(b=2, s=3, cfg=cfg)
+    normed = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    vec = normed[:, :, -1] if mode == "last" else normed.mean(2)
+    torch.testing.assert_close(p(x), vec @ p.fc.weight.T + p.fc.bias, atol=1e-5, rtol=1e-5)
+    if mode == "mean":  # a zero gain drops a layer from the mean
+        ref = normed[:, :, 1:].mean(2) @ p.fc.weight.T + p.fc.bias
+        torch.testing.assert_close(p(x, gains=[0.0, 1.0, 1.0]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_pooling_mode_is_refused():
+    from unifusion.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pooling"):
+        LAPConfig(vlm_hidden_size=8, num_vlm_layers=3, out_dim=8, num_heads=2, refiner_heads=2, pooling="max")

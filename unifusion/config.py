@@ -62,6 +62,9 @@ class VLMIdentity:
         return out
 
 
+POOLING_MODES = ("attention", "last", "mean")
+
+
 @dataclass(frozen=True)
 class LAPConfig:
     """Layerwise Attention Pooling plus the bidirectional refiner."""
@@ -74,8 +77,13 @@ class LAPConfig:
     refiner_blocks: int = 2  # bidirectional blocks over the condition tokens
     refiner_heads: int = 8
     mlp_ratio: float = 4.0
+    # "attention" is LAP. "last" (deepest selected layer) and "mean" (mean over the selected
+    # layers) are the paper's ablation baselines, trained with the same pipeline.
+    pooling: str = "attention"
 
     def __post_init__(self) -> None:
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"LAPConfig.pooling must be one of {list(POOLING_MODES)}, got {self.pooling!r}")
         for name in ("vlm_hidden_size", "num_vlm_layers", "out_dim", "num_heads", "refiner_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"LAPConfig.{name} must be >= 1")

@@ -36,6 +36,9 @@ from .config import LAPConfig
 from .errors import InputError, VLMMismatchError
 
 REFINER_ROPE_THETA = 10000.0
+# Tokens pooled at once: bounds LAP's activation peak (at paper size, 3 references pooled in one
+# go need ~3.75 GiB, in chunks of 512 tokens ~0.74 GiB) at no cost in speed.
+LAP_CHUNK_TOKENS = 512
 
 Gains = Union[Tensor, Sequence[float], None]
 
@@ -106,28 +109,46 @@ class LayerwiseAttentionPooling(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(h, cfg.num_heads, cfg.mlp_ratio, dtype=dtype, device=device, operations=operations,
                              attention=attention)
-            for _ in range(cfg.num_blocks)
+            for _ in range(cfg.num_blocks if cfg.pooling == "attention" else 0)
         )
         self.norm_out = operations.LayerNorm(h, eps=1e-6, dtype=dtype, device=device)
-        self.fc = operations.Linear(l * h, h, bias=True, dtype=dtype, device=device)
+        # The ablation baselines see one vector per token, so their FC is (H -> H).
+        fc_in = l * h if cfg.pooling == "attention" else h
+        self.fc = operations.Linear(fc_in, h, bias=True, dtype=dtype, device=device)
 
-    def forward(self, features: Tensor, gains: Gains = None) -> Tensor:
+    def forward(self, features: Tensor, gains: Gains = None, chunk_tokens: int = LAP_CHUNK_TOKENS) -> Tensor:
+        """Pool every token; tokens are independent here, so they go through in chunks of
+        ``chunk_tokens`` to bound the activation peak (the result does not depend on it)."""
         b, s, l, h = _check_features(features, self.cfg)
         g = validate_gains(gains, l, features)
         x = features.reshape(b * s, l, h)  # (B*S, L, H)
+        if chunk_tokens < 1:
+            raise InputError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        pooled = [self._pool_tokens(part, g) for part in x.split(chunk_tokens)]
+        return torch.cat(pooled).view(b, s, h)  # (B, S, H)
+
+    def _pool_tokens(self, x: Tensor, g: Optional[Tensor]) -> Tensor:
+        """(T, L, H) stacked layer states of T tokens -> (T, H)."""
+        t, l, h = x.shape
         # VLM states carry huge outlier channels: normalise each layer's vector on its own.
-        x = F.rms_norm(x.float(), (h,), eps=1e-6).to(features.dtype)  # (B*S, L, H)
-        x = x + self.layer_embed.to(dtype=x.dtype, device=x.device)  # (B*S, L, H)
+        x = F.rms_norm(x.float(), (h,), eps=1e-6).to(x.dtype)  # (T, L, H)
+        if self.cfg.pooling == "last":
+            return self.fc(x[:, -1] if g is None else x[:, -1] * g[-1].to(x.dtype))  # (T, H)
+        if self.cfg.pooling == "mean":
+            weights = torch.ones(l, device=x.device) if g is None else g
+            mixed = (x * weights.to(x.dtype).view(1, l, 1)).sum(1) / weights.sum().to(x.dtype)  # (T, H)
+            return self.fc(mixed)
+        x = x + self.layer_embed.to(dtype=x.dtype, device=x.device)  # (T, L, H)
         bias = None
         if g is not None:
             log_g = torch.where(g > 0, g.clamp_min(1e-30).log(), torch.full_like(g, masked_bias_value(x.dtype)))
             bias = log_g.to(x.dtype).view(1, 1, 1, l)  # key bias over the layer axis
         for block in self.blocks:
-            x = block(x, mask=bias)  # (B*S, L, H)
-        x = self.norm_out(x)  # (B*S, L, H)
+            x = block(x, mask=bias)  # (T, L, H)
+        x = self.norm_out(x)  # (T, L, H)
         if g is not None:
             x = x * g.to(x.dtype).view(1, l, 1)
-        return self.fc(x.reshape(b * s, l * h)).view(b, s, h)  # (B, S, H)
+        return self.fc(x.reshape(t, l * h))  # (T, H)
 
 
 class ConditionRefiner(nn.Module):
