@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import GiB, MiB, comfyui_dir, cpu_peak_bytes, import_comfy, log_lines, pack_module  # noqa: E402
 from benchmarks.common import setup, table, verdict  # noqa: E402
 from unifusion.config import DiTConfig, LAPConfig, UniFusionConfig, paper_preset  # noqa: E402
+from unifusion.lap import LAP_CHUNK_TOKENS as LAP_CHUNK  # noqa: E402
 
 logger = logging.getLogger("benchmarks.memory_plan")
 
@@ -206,16 +207,16 @@ def measure_lap(lap: LAPConfig, tokens: int, dtype: torch.dtype) -> int:
 # ---- ComfyUI's estimate ----------------------------------------------------------------------------
 
 def comfy_estimate_bytes(cfg: UniFusionConfig, batch: int, cond_tokens: int, dtype: torch.dtype,
-                         comfy_dir: Optional[Path], scale_conds: bool = False) -> tuple[float, str]:
+                         comfy_dir: Optional[Path]) -> tuple[float, str]:
     """ComfyUI's memory_required for one sampling call (cond + uncond), flash branch as on CUDA.
-    With ComfyUI importable: its own estimate_memory over the nodes' UniFusionBaseModel methods;
-    else the nodes' pure replica (nodes/memory.py)."""
-    factor = pack_module("nodes.memory").memory_usage_factor(cfg.dit)
+    With ComfyUI importable: its own estimate_memory over the nodes' UniFusionBaseModel methods
+    (memory_required counts the condition tokens once per latent); else the nodes' pure replica
+    (nodes/memory.py)."""
+    memory = pack_module("nodes.memory")
+    factor = memory.memory_usage_factor(cfg.dit)
     latent = (batch, *LATENT)
     if comfy_dir is None:
-        memory = pack_module("nodes.memory")
-        conds = 2 * cond_tokens * (batch if scale_conds else 1)
-        return memory.comfy_estimate_bytes(factor, (2 * batch, *LATENT), conds, cfg.dit.patch_size,
+        return memory.comfy_estimate_bytes(factor, (2 * batch, *LATENT), 2 * cond_tokens * batch, cfg.dit.patch_size,
                                            torch.finfo(dtype).bits // 8), "nodes/memory.py replica"
     mm = import_comfy(comfy_dir)
     import comfy.model_base
@@ -226,13 +227,13 @@ def comfy_estimate_bytes(cfg: UniFusionConfig, batch: int, cond_tokens: int, dty
                             memory_usage_shape_process={}, manual_cast_dtype=None,
                             unifusion_config=cfg, get_dtype=lambda: dtype)
     probe.extra_conds_shapes = MethodType(nodes_model.UniFusionBaseModel.extra_conds_shapes, probe)
-    required = MethodType(comfy.model_base.BaseModel.memory_required, probe)
-    probe.memory_required = required
-    if scale_conds:
-        def scaled(shape, cond_shapes={}):  # noqa: B006 (ComfyUI's own signature)
-            return required(shape, batch_scaled_cond_shapes(shape, cond_shapes))
+    base_required = MethodType(comfy.model_base.BaseModel.memory_required, probe)
 
-        probe.memory_required = scaled
+    def required(shape, cond_shapes={}):  # noqa: B006 (ComfyUI's own signature)
+        # UniFusionBaseModel.memory_required, on a probe that is not a BaseModel
+        return base_required(shape, memory.batch_scaled_cond_shapes(shape, cond_shapes))
+
+    probe.memory_required = required
     cond = {"cross_attn": torch.empty(1, cond_tokens, cfg.dit.hidden_size, device="meta")}
     flash = mm.pytorch_attention_flash_attention
     mm.pytorch_attention_flash_attention = lambda: True  # what a CUDA machine with PyTorch attention takes
@@ -244,25 +245,12 @@ def comfy_estimate_bytes(cfg: UniFusionConfig, batch: int, cond_tokens: int, dty
     return float(needed), "ComfyUI estimate_memory"
 
 
-def batch_scaled_cond_shapes(input_shape, cond_shapes: dict) -> dict:
-    """The change proposed for UniFusionBaseModel.memory_required: estimate_memory reports each
-    condition once, but every latent of the batch attends over its own copy of the condition tokens,
-    so scale each condition's shape by the latents per condition (2B latents over 2 conditions, or
-    B over 1 for the minimum estimate)."""
-    conds = cond_shapes.get("c_crossattn") or []
-    if not conds:
-        return cond_shapes
-    per_cond = max(1, input_shape[0] // len(conds))
-    return dict(cond_shapes, c_crossattn=[[shape[0] * per_cond, *shape[1:]] for shape in conds])
-
-
 # ---- report ----------------------------------------------------------------------------------------
 
 def gib(value: float) -> str:
     return f"{value / GiB:.2f}"
 
 
-LAP_CHUNK = 512  # tokens per LAP call in the proposed chunked pooling
 
 
 def report_weights(vlm_counts: dict[str, int], uni_counts: dict[str, int]) -> None:
@@ -297,8 +285,10 @@ def report_activations(cfg: UniFusionConfig, vlm_config, latent_tokens: int) -> 
         phase = max(est.phases, key=est.phases.get)
         rows.append((r, s, latent_tokens + s, gib(est.peak), gib(est8.peak), f"{phase} {est.peak / est.unit:.2f}",
                      gib(lap.peak), gib(chunk), gib(vlm.peak)))
-    log_lines(table(("refs", "cond tok", "tokens", "DiT GiB", "DiT fp8 GiB", "peak phase (units)", "LAP Pool GiB",
-                     f"LAP {LAP_CHUNK}-chunks GiB", "VLM+Verifi GiB"), rows))
+    logger.info("LAP Pool pools %d tokens at a time (unifusion.lap.LAP_CHUNK_TOKENS); the one-pass column is "
+                "what it would need without chunks", LAP_CHUNK)
+    log_lines(table(("refs", "cond tok", "tokens", "DiT GiB", "DiT fp8 GiB", "peak phase (units)", "LAP one pass GiB",
+                     f"LAP ({LAP_CHUNK}-token chunks) GiB", "VLM+Verifi GiB"), rows))
     logger.info("VLM: analytic only (decoder MLP phase, %d captured layers, vision tower, KV cache of %d new tokens)",
                 cfg.lap.num_vlm_layers, VERIFI_TOKENS)
     return peaks
@@ -334,9 +324,7 @@ def report_fit(cfg: UniFusionConfig, weights: dict[str, int], peaks: dict[str, d
     dit_reserve = max(COMFY_MIN_INFERENCE, memory.comfy_estimate_bytes(
         factor, (1, *LATENT), condition_tokens(3), cfg.dit.patch_size, 2) + COMFY_RESERVE)
     models = {"VLM": (weights["vlm"], peaks["vlm"][3], COMFY_MIN_INFERENCE),
-              "DiT + LAP": (weights["unifusion"], max(peaks["dit"][3], peaks["lap"][3]), dit_reserve),
-              f"DiT + LAP, LAP in {LAP_CHUNK}-chunks": (weights["unifusion"],
-                                                         max(peaks["dit"][3], peaks["lap chunked"][3]), dit_reserve)}
+              "DiT + LAP": (weights["unifusion"], max(peaks["dit"][3], peaks["lap chunked"][3]), dit_reserve)}
     rows = []
     for card, size_gib in CARDS_GIB.items():
         usable = size_gib * GiB - CUDA_CONTEXT
@@ -357,14 +345,11 @@ def report_comfy(cfg: UniFusionConfig, latent_tokens: int, comfy_dir: Optional[P
         for r in range(4):
             s = condition_tokens(r)
             comfy, source = comfy_estimate_bytes(cfg, batch, s, torch.bfloat16, comfy_dir)
-            fixed, _ = comfy_estimate_bytes(cfg, batch, s, torch.bfloat16, comfy_dir, scale_conds=True)
             formula = dit_step_bytes(cfg.dit, 2 * batch, latent_tokens, s, 2).peak
             ratio = comfy / formula
-            rows.append((batch, r, s, gib(comfy), gib(formula), ratio, verdict(abs(ratio - 1), 0.2),
-                         fixed / formula))
+            rows.append((batch, r, s, gib(comfy), gib(formula), ratio, verdict(abs(ratio - 1), 0.2)))
     logger.info("source of ComfyUI's figure: %s; latent batch 1 and 4 (the model sees 2 x batch sequences)", source)
-    log_lines(table(("batch", "refs", "cond tok", "ComfyUI GiB", "formula GiB", "ComfyUI/formula", "goal",
-                     "with batch-scaled conds"), rows))
+    log_lines(table(("batch", "refs", "cond tok", "ComfyUI GiB", "formula GiB", "ComfyUI/formula", "goal"), rows))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -30,3 +30,14 @@ def comfy_estimate_bytes(factor: float, latent_shape: tuple[int, ...], cond_toke
     (reported as ``[1, 1, cond_tokens * patch^2]``, see UniFusionBaseModel.extra_conds_shapes)."""
     area = latent_shape[0] * latent_shape[2] * latent_shape[3] + cond_tokens * patch_size**2
     return area * dtype_size * 0.01 * factor * _MB
+
+
+def batch_scaled_cond_shapes(input_shape: list[int], cond_shapes: dict) -> dict:
+    """ComfyUI's estimate_memory reports each condition's shape once, but every latent of the
+    batch attends over its own copy of the condition tokens: scale each condition shape by the
+    latents per condition (2B latents over 2 conditions, or B over 1 for the minimum estimate)."""
+    conds = cond_shapes.get("c_crossattn") or []
+    if not conds:
+        return cond_shapes
+    per_cond = max(1, input_shape[0] // len(conds))
+    return dict(cond_shapes, c_crossattn=[[shape[0] * per_cond, *shape[1:]] for shape in conds])

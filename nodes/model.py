@@ -31,7 +31,7 @@ from ..unifusion.config import UniFusionConfig
 from ..unifusion.errors import CheckpointError, InputError
 from ..unifusion.model import UniFusionModel
 from .finite import nonfinite_problem
-from .memory import memory_usage_factor
+from .memory import batch_scaled_cond_shapes, memory_usage_factor
 from .preview import factors_from_vae_file, gray_factors
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,10 @@ class UniFusionBaseModel(comfy.model_base.BaseModel):
         if mask is not None:
             out["context_mask"] = comfy.conds.CONDRegular(mask)
         return out
+
+    def memory_required(self, input_shape: list[int], cond_shapes: dict = {}) -> float:  # noqa: B006 (ComfyUI's signature)
+        """ComfyUI's estimate with the condition tokens counted once per latent of the batch."""
+        return super().memory_required(input_shape, cond_shapes=batch_scaled_cond_shapes(input_shape, cond_shapes))
 
     def extra_conds_shapes(self, **kwargs: Any) -> dict:
         """Condition tokens in latent-pixel units (one token covers patch^2 latent pixels)."""

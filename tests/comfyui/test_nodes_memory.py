@@ -67,6 +67,13 @@ PROBE = textwrap.dedent('''
                 "model_type": with_vae.model_type.name, "latent_channels": fmt.latent_channels,
                 "rgb_factors": fmt.latent_rgb_factors, "rgb_factors_without_vae": dit.model.latent_format.latent_rgb_factors,
                 "memory_usage_factor": with_vae.memory_usage_factor}
+    import comfy.sampler_helpers
+    from types import SimpleNamespace
+    cond = {"cross_attn": torch.zeros(1, 40, 64)}
+    estimates = [comfy.sampler_helpers.estimate_memory(SimpleNamespace(model=with_vae), (b, 4, 8, 8),
+                                                       {"positive": [cond], "negative": [dict(cond)]})[0]
+                 for b in (1, 4)]
+    settings["estimate_batch4_over_batch1"] = estimates[1] / estimates[0]
     import latent_preview
     from comfy.cli_args import LatentPreviewMethod, args
     args.preview_method = LatentPreviewMethod.Latent2RGB
@@ -125,5 +132,7 @@ def test_model_sampling_latent_format_and_preview_colours(comfy_dir: Path, comfy
     assert len(fitted) == 4 and all(len(row) == 3 for row in fitted)
     assert gray == [[0.25] * 3] * 4 and fitted != gray  # fitted to the decoder when the VAE is known
     assert report["memory_usage_factor"] > 0
+    # every latent of a batch has its own copy of the condition tokens: 4x the batch, 4x the estimate
+    assert report["estimate_batch4_over_batch1"] == pytest.approx(4.0, rel=1e-6)
     assert report["padded_mask_max_error"] < 1e-4 * max(1.0, report["output_scale"])  # ComfyUI attention + mask
     assert report["preview"] == ["Latent2RGBPreviewer", [6, 8]]  # live previews during sampling work

@@ -66,3 +66,11 @@ def test_estimate_covers_measured_activations_without_gross_excess(width, patch,
     estimate = memory.comfy_estimate_bytes(memory.memory_usage_factor(cfg), (batch, 4, side, side), cond * batch,
                                            patch, dtype_size=2)
     assert tracker.peak <= estimate <= 2 * tracker.peak, (tracker.peak, estimate)
+
+
+def test_batch_scaled_cond_shapes_counts_one_condition_per_latent():
+    shapes = {"c_crossattn": [[1, 1, 400], [1, 1, 400]]}
+    assert memory.batch_scaled_cond_shapes([8, 16, 64, 64], shapes)["c_crossattn"] == [[4, 1, 400]] * 2
+    assert memory.batch_scaled_cond_shapes([4, 16, 64, 64], {"c_crossattn": [[1, 1, 400]]}) == \
+        {"c_crossattn": [[4, 1, 400]]}
+    assert memory.batch_scaled_cond_shapes([2, 16, 64, 64], {}) == {}
