@@ -26,7 +26,9 @@ class UniFusionVLMLoader(io.ComfyNode):
                                        "weights, tokenizer), or the bundled demo VLM."),
                 io.Combo.Input("dtype", options=list(VLM_DTYPES), default="default",
                                tooltip="Weight dtype. default: bf16 on GPUs that support it, fp16 on other "
-                                       "GPUs, fp32 on CPU."),
+                                       "GPUs, fp32 on CPU. fp8_e4m3fn: Linear weights stored in 8 bits (about "
+                                       "half the memory of bf16, e.g. an 8B VLM on a 12 GB card), computed in "
+                                       "the default dtype."),
                 io.String.Input("layers", default="paper",
                                 tooltip="Decoder layers whose states are captured: 'paper' (every 3rd layer "
                                         "from 4, what UniFusion checkpoints use), 'all', or numbers like "

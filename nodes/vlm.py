@@ -23,10 +23,15 @@ import comfy.utils
 from .. import unifusion as library
 from ..unifusion.config import VLMIdentity
 from ..unifusion.errors import InputError
+from ..unifusion.vlm.fp8 import store_linear_weights_fp8
 from ..unifusion.vlm.loader import LoadedVLM, load_vlm
 from .inputs import parse_layers
 
-VLM_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger(__name__)
+
+VLM_DTYPES = {"default": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp8_e4m3fn": None}
+FP8_STORAGE = "fp8_e4m3fn"  # Linear weights stored in fp8, computed in the default dtype
 
 
 class VLMHolder(torch.nn.Module):
@@ -60,6 +65,9 @@ def load_vlm_patcher(folder: Path, dtype_name: str, layers: str, trust_remote_co
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = VLM_DTYPES[dtype_name] or default_vlm_dtype(load_device)
     loaded = load_vlm(folder, dtype=dtype, device=offload_device, trust_remote_code=bool(trust_remote_code))
+    if dtype_name == FP8_STORAGE:
+        converted = store_linear_weights_fp8(loaded.model)
+        logger.info("VLM %s: %d Linear layers stored in fp8, computed in %s", folder.name, converted, dtype)
     loaded = replace(loaded, selected_layers=parse_layers(layers, loaded.num_layers))
     return comfy.model_patcher.ModelPatcher(VLMHolder(loaded), load_device=load_device, offload_device=offload_device)
 

@@ -234,6 +234,15 @@ def test_fp8_storage_and_bf16_run(server: ComfyServer) -> None:
     assert "model weight dtype torch.float8_e4m3fn, manual cast: torch.float32" in server.log_text()
 
 
+def test_vlm_fp8_storage_gives_the_same_picture(server: ComfyServer) -> None:
+    base = image_of(server, server.run(graph(seed=9)))
+    prompt = graph(seed=9, prefix="vlm_fp8")
+    prompt["vlm"]["inputs"]["dtype"] = "fp8_e4m3fn"
+    image = image_of(server, server.run(prompt))
+    assert np.abs(image - base).mean() < 20.0 and not np.array_equal(image, base)
+    assert "Linear layers stored in fp8" in server.log_text()
+
+
 def test_lora_on_dit_keys_loads_and_changes_the_image(server: ComfyServer, tmp_path) -> None:
     key = "diffusion_model.dit.blocks.0.attn.qkv"
     gen = torch.Generator().manual_seed(0)

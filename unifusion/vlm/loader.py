@@ -119,7 +119,10 @@ class LoadedVLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The activation dtype (with fp8 weight storage, the dtype weights are cast to)."""
+        from .fp8 import compute_dtype
+
+        return compute_dtype(self.model)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
