@@ -1,6 +1,7 @@
 """Tiny autoencoder: ComfyUI TAESD key parity, ComfyUI's encode/decode arithmetic, file
 round trips and errors, the pixel-space pseudo-VAE, and a quick fit on demo-world images."""
 
+import copy
 import random
 import types
 
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 
 from unifusion.demo.world import random_scene, render
 from unifusion.vae import (
+    LIGHT_IDENTITY_BLOCKS,
+    Block,
     PixelSpaceVAE,
     SoftClamp,
     TinyAutoencoder,
@@ -241,3 +244,24 @@ def test_calibrate_latents_sets_scale_and_shift():
         # Decoding is unchanged by calibration: only the latent coordinates move.
         torch.testing.assert_close(model.decode(model.encode(images)), model.taesd_decoder(raw).clamp(0, 1),
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_identity_blocks_train_cheaper_and_stay_exact():
+    images = demo_images(8, 5, size=16)
+    model = train_vae(images, steps=3, seed=0, width=4, batch_size=2, identity_blocks=LIGHT_IDENTITY_BLOCKS)
+    assert set(model.state_dict()) == set(TinyAutoencoder(4, width=4).state_dict())
+    for name in LIGHT_IDENTITY_BLOCKS:
+        block = model.get_submodule(name)
+        assert isinstance(block, Block) and not block.conv[4].weight.any() and not block.conv[4].bias.any()
+    # The file's full network (as ComfyUI runs it) equals the bypassed one used in training.
+    bypassed = copy.deepcopy(model)
+    for name in LIGHT_IDENTITY_BLOCKS:
+        half, index = name.split(".")
+        getattr(bypassed, half)[int(index)] = torch.nn.ReLU()
+    with torch.no_grad():
+        assert torch.equal(model.decode(model.encode(images)), bypassed.decode(bypassed.encode(images)))
+    trained = [k for k in ("taesd_encoder.3", "taesd_decoder.13")
+               if model.get_submodule(k).conv[4].weight.any()]
+    assert trained == ["taesd_encoder.3", "taesd_decoder.13"]
+    with pytest.raises(ValueError, match="not a Block"):
+        train_vae(images, steps=1, width=4, identity_blocks=("taesd_decoder.0",))

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     # listed here for --help; main() hands its arguments to the demo trainer's own parser
     sub.add_parser("train-demo", add_help=False,
                    help="train the bundled demo model end to end (`unifusion train-demo --help`)")
+    from .demo.options import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="score the demo model: the benchmark table of the README"))
     return parser
 
 
@@ -144,6 +147,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "info":
             _info(args)
             return 0
+        if args.command == "bench":
+            from .demo.bench import run as run_bench
+
+            return run_bench(args)
         handler = getattr(args, "train_handler", None)
         if handler is not None:
             return handler(args)

@@ -29,7 +29,8 @@ from unifusion.pipeline import UniFusionPipeline
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("demo_out"), tmp_path_factory.mktemp("demo_work")
-    assert main(["--quick", "--out", str(out), "--work", str(work), "--seed", "3", "--grid", str(work / "grid.png")]) == 0
+    assert main(["--quick", "--out", str(out), "--work", str(work), "--seed", "3", "--grid", str(work / "grid.png"),
+                 "--ablations"]) == 0
     return out, work
 
 
@@ -38,9 +39,14 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     report = json.loads((out / REPORT_NAME).read_text())
     grid = Image.open(work / "grid.png")
     assert grid.width > 4 * 128 and grid.height > 3 * 128
-    assert set(report["stages"]) == {"vlm", "vae", "cache", "t2i", "edit", "eval"}
+    assert set(report["stages"]) == {"vlm", "vae", "cache", "t2i", "edit", "ablations", "eval"}
     assert all(s["wall_s"] >= 0 for s in report["stages"].values())
-    assert report["recipe"]["seed"] == 3 and "t2i_exact" in report["metrics"]["benchmark"]
+    benchmark = report["metrics"]["benchmark"]
+    assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
+    assert {"ablation: deepest selected layer only", "ablation: mean of the selected layers",
+            "t2i before the edit finetune", "reconstruction, 4 tiles"} <= set(benchmark)
+    for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
+        assert read_checkpoint_header(work / "ablations" / f"{name}.safetensors").config.lap.pooling == pooling
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)
     assert header.config.extra["sampling_shift"] > 0 and header.config.extra["ema"] is True
     assert header.config.extra["trained_steps"] == quick_recipe().edit_steps
@@ -53,8 +59,11 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
 
 def test_same_seed_same_files_and_reuse(quick_run, tmp_path):
     out, work = quick_run
-    again = tmp_path / "again"
-    assert main(["--quick", "--out", str(again), "--work", str(tmp_path / "work"), "--seed", "3", "--no-eval"]) == 0
+    again, again_work = tmp_path / "again", tmp_path / "work"
+    common = ["--quick", "--out", str(again), "--work", str(again_work), "--seed", "3", "--no-eval"]
+    assert main(common + ["--stop-after", "cache"]) == 0  # stopped early ...
+    assert not (again / DEMO_CHECKPOINT).exists() and (again_work / "cache" / "index.json").is_file()
+    assert main(common) == 0  # ... and continued: the same files as one uninterrupted run
     first, second = file_digests(out), file_digests(again)
     assert first == second and len(first) >= 8
     # Same work folder, same settings: every stage is reused and nothing is rewritten.
@@ -69,7 +78,9 @@ def test_fingerprints_change_downstream_only():
     edit = stage_fingerprints(replace(quick_recipe(), edit_steps=9))
     assert [s for s in base if base[s] != edit[s]] == ["edit"]
     vae = stage_fingerprints(replace(quick_recipe(), vae_steps=9))
-    assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit"]
+    assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "ablation"]
+    ablation = stage_fingerprints(replace(quick_recipe(), ablation_steps=9))
+    assert [s for s in base if base[s] != ablation[s]] == ["ablation"]
 
 
 def test_arguments_override_the_recipe():

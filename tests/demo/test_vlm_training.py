@@ -56,6 +56,8 @@ def test_decoded_rewrites_parse_back(vlm):
         assert decoded != detailed(scene)  # the word-level decoder spaces out punctuation ...
         assert normalise_rewrite(decoded) == detailed(scene) and parse_rewrite(decoded) == scene  # ... we undo it
     assert parse_rewrite("two shapes : a red") is None
+    twice = "two shapes : a small red circle in the center , a large blue square in the center ."
+    assert parse_rewrite(twice) is None
 
 
 def test_examples_are_inference_prompt_plus_answer(vlm):

@@ -19,11 +19,16 @@ class DemoRecipe:
 
     seed: int = 0
     vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
-    vlm_eval_count: int = 30
+    vlm_eval_count: int = 200
+    vlm_eval_every: int = 600  # progress evaluations while the VLM trains (they do not change it)
     vae_images: int = 2048
-    vae_steps: int = 1000
+    vae_steps: int = 3000
     vae_batch_size: int = 16
     vae_crop: Optional[int] = 32
+    vae_lr: float = 1e-3
+    vae_latent_channels: int = 16  # ComfyUI's TAESD loader takes any count; 4 blur the 9 px shapes
+    vae_foreground_weight: float = 4.0  # see unifusion.vae.train_vae
+    vae_light: bool = True  # train with LIGHT_IDENTITY_BLOCKS (3x cheaper steps, same file layout)
     t2i_samples: int = 4000
     edit_samples: int = 1600
     verifi_max_new_tokens: int = 48
@@ -45,6 +50,7 @@ class DemoRecipe:
     recon_prob: float = 0.03
     verifi_prob: float = 0.5
     eval_count: int = 48
+    ablation_steps: int = 600  # text-to-image steps of each ablation variant (`train-demo --ablations`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,17 +59,17 @@ class DemoRecipe:
 def quick_recipe(seed: int = 0) -> DemoRecipe:
     """Minutes on a CPU: every stage runs, nothing is learned (for tests and smoke runs)."""
     vlm = VLMTrainConfig(num_layers=4, hidden_size=32, steps=6, batch_size=8, pool_size=24, warmup_steps=2, seed=seed)
-    return DemoRecipe(seed=seed, vlm=vlm, vlm_eval_count=2, vae_images=16, vae_steps=3, vae_batch_size=4,
+    return DemoRecipe(seed=seed, vlm=vlm, vlm_eval_count=4, vae_images=16, vae_steps=3, vae_batch_size=4,
                       vae_crop=16, t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
                       dit_width=32, dit_depth=1, dit_heads=2, time_embed_dim=32, lap_heads=2, refiner_blocks=1,
-                      batch_size=4, t2i_steps=4, edit_steps=2, warmup_steps=1, eval_count=1)
+                      batch_size=4, t2i_steps=4, edit_steps=2, warmup_steps=1, eval_count=1, ablation_steps=2)
 
 
 def dit_config(recipe: DemoRecipe) -> DiTConfig:
-    """The DiT on the demo autoencoder's 4-channel 8x8 latents, one token per latent pixel."""
+    """The DiT on the demo autoencoder's 8x8 latents, one token per latent pixel."""
     from ..train.cli import rope_axes_for
 
     head_dim = recipe.dit_width // recipe.dit_heads
-    return DiTConfig(in_channels=4, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
+    return DiTConfig(in_channels=recipe.vae_latent_channels, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
                      num_heads=recipe.dit_heads, time_embed_dim=recipe.time_embed_dim,
                      rope_axes=rope_axes_for(head_dim))

@@ -36,7 +36,7 @@ def stage_vlm(recipe: DemoRecipe, folder: Path) -> tuple[Any, dict[str, float]]:
 
     vlm_cfg = replace(recipe.vlm, seed=recipe.seed)
     shutil.rmtree(folder, ignore_errors=True)
-    train_demo_vlm(folder, vlm_cfg)
+    train_demo_vlm(folder, vlm_cfg, eval_every=recipe.vlm_eval_every)
     vlm = load_vlm(folder)
     metrics = evaluate_rewrites(vlm, recipe.vlm_eval_count) if recipe.vlm_eval_count else {}
     logger.info("vlm metrics: %s", json.dumps(metrics))
@@ -51,7 +51,7 @@ def _pixels(scenes: Sequence[Any]) -> torch.Tensor:
 def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:
     """Fit the autoencoder on rendered scenes (a quarter count scenes), save, reload and score.
     ``threads`` sets torch's thread count first (for a worker process)."""
-    from ..vae import load_vae, save_vae, train_vae
+    from ..vae import LIGHT_IDENTITY_BLOCKS, load_vae, save_vae, train_vae
     from .evaluate import evaluate_vae
 
     if threads:
@@ -60,7 +60,9 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
     rng = random.Random(recipe.seed)
     scenes = [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)]
     model = train_vae(_pixels(scenes), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
-                      crop=recipe.vae_crop)
+                      lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
+                      foreground_weight=recipe.vae_foreground_weight,
+                      identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else ())
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
@@ -107,27 +109,33 @@ def _step_logger(label: str, every: int) -> Any:
     return log
 
 
-def _recipe_config(recipe: DemoRecipe, stage: str, **overrides: Any) -> Any:
+def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, **overrides: Any) -> Any:
+    """The trainer options of a stage; ``steps`` replaces the stage's step count (ablations)."""
     from ..train.recipe import TrainConfig
 
-    steps = recipe.t2i_steps if stage == "t2i" else recipe.edit_steps
-    return TrainConfig(
+    steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps)
+    options: dict[str, Any] = dict(
         steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout, recon_prob=recipe.recon_prob,
         verifi_prob=recipe.verifi_prob, stage=stage, save_every=max(steps, 1), keep_last=1,
-        log_every=max(1, min(50, steps)), **overrides)
+        log_every=max(1, min(50, steps)))
+    return TrainConfig(**{**options, **overrides})
 
 
-def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path) -> Path:
+def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", pooling: str = "attention",
+              steps: Optional[int] = None, **overrides: Any) -> Path:
+    """Text-to-image training into ``work/<name>.safetensors``; the ablations use ``pooling``
+    (LAP or a baseline), ``steps`` and trainer ``overrides`` (e.g. ``verifi_prob=0``)."""
     from ..train.export import export_release
     from ..train.run import model_config_for_cache, train
 
     config = model_config_for_cache(cache, dit_config(recipe), lap_heads=recipe.lap_heads,
                                     refiner_blocks=recipe.refiner_blocks, extra={"demo": "unifusion train-demo"})
-    result = train(cache.folder, work / "t2i", config, _recipe_config(recipe, "t2i"), resume=None,
-                   callbacks=[_step_logger("t2i", 100)], progress=False)
-    return export_release(result.state_dir, work / "t2i.safetensors")
+    config = replace(config, lap=replace(config.lap, pooling=pooling))
+    result = train(cache.folder, work / name, config, _recipe_config(recipe, "t2i", steps, **overrides), resume=None,
+                   callbacks=[_step_logger(name, 100)], progress=False)
+    return export_release(result.state_dir, work / f"{name}.safetensors")
 
 
 def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path) -> Path:
@@ -139,16 +147,37 @@ def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path
     return export_release(result.state_dir, out)
 
 
-def stage_eval(count: int, out: Path, grid: Optional[Path] = None) -> dict[str, float]:
-    """The demo benchmark over ``count`` prompts per task through `UniFusionPipeline` loaded
-    from ``out``; ``grid`` also saves the README grid of real outputs there."""
-    from ..pipeline import UniFusionPipeline
-    from .evaluate import default_grid, evaluate_all
+def stage_ablations(recipe: DemoRecipe, cache: Any, work: Path, done: Any, mark: Any) -> None:
+    """The benchmark's ablation variants, each text-to-image at ``recipe.ablation_steps`` from
+    the same cache: LAP, the two pooling baselines, and LAP without Verifi features. ``done(name)``
+    says whether a variant is already trained (`StageLog`), ``mark(name)`` records one."""
+    from .bench import ABLATIONS
 
-    pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE)
-    metrics = evaluate_all(pipe, count) if count else {}
-    logger.info("benchmark: %s", json.dumps(metrics))
+    variants = {"lap": {}, "last_layer": {"pooling": "last"}, "mean_of_layers": {"pooling": "mean"},
+                "no_verifi": {"verifi_prob": 0.0}}
+    assert set(variants) == set(ABLATIONS)
+    for name, options in variants.items():
+        if done(name):
+            continue
+        started = time.monotonic()
+        stage_t2i(recipe, cache, work / "ablations", name=name, steps=recipe.ablation_steps, **options)
+        logger.info("ablation %s: trained in %.1fs", name, time.monotonic() - started)
+        mark(name)
+
+
+def stage_eval(count: int, out: Path, grid: Optional[Path] = None, work: Optional[Path] = None) -> dict[str, Any]:
+    """The demo benchmark (`bench.run_benchmark`) over ``count`` prompts per text-to-image row,
+    on the files in ``out`` (and the ablations in ``work``); ``grid`` also saves the README grid
+    of real outputs there."""
+    from ..pipeline import UniFusionPipeline
+    from .bench import format_table, run_benchmark
+    from .evaluate import default_grid
+
+    metrics = run_benchmark(out, count, work) if count else {}
+    if metrics:
+        logger.info("benchmark:\n%s", format_table(metrics))
     if grid is not None:
+        pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE)
         grid.parent.mkdir(parents=True, exist_ok=True)
         default_grid(pipe).save(grid)
         logger.info("saved the output grid to %s", grid)

@@ -39,9 +39,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from ..bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from .options import add_arguments
 from .recipe import DemoRecipe, quick_recipe
-from .stages import LOG_FORMAT, stage_cache, stage_edit, stage_eval, stage_t2i, stage_vae, stage_vlm, vae_job
+from .stages import (LOG_FORMAT, stage_ablations, stage_cache, stage_edit, stage_eval, stage_t2i, stage_vae,
+                     stage_vlm, vae_job)
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -93,14 +95,17 @@ def file_digests(out: Path) -> dict[str, str]:
 
 STAGE_PARAMS = {
     "vlm": ("seed", "vlm", "vlm_eval_count"),
-    "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop"),
+    "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
+            "vae_foreground_weight", "vae_light"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "cache_batch_size"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
             "batch_size", "t2i_steps", "t2i_lr", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
             "verifi_prob"),
     "edit": ("edit_steps", "edit_lr"),
+    "ablation": ("ablation_steps",),
 }
-UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",)}
+UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",),
+            "ablation": ("t2i",)}
 MARKERS = "stages.json"
 
 
@@ -109,9 +114,9 @@ def stage_fingerprints(recipe: DemoRecipe) -> dict[str, str]:
     redone exactly when something that feeds it changed."""
     raw = recipe.to_dict()
     out: dict[str, str] = {}
-    for stage in ("vlm", "vae", "cache", "t2i", "edit"):
-        payload = {"params": {k: raw[k] for k in STAGE_PARAMS[stage]},
-                   "upstream": [out[u] for u in UPSTREAM[stage]], "threads": torch.get_num_threads()}
+    for stage in ("vlm", "vae", "cache", "t2i", "edit", "ablation"):
+        # --threads is left out: a stage finished with other thread counts is reused as it is.
+        payload = {"params": {k: raw[k] for k in STAGE_PARAMS[stage]}, "upstream": [out[u] for u in UPSTREAM[stage]]}
         out[stage] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return out
 
@@ -125,29 +130,99 @@ class StageLog:
 
     def finished(self, stage: str, *outputs: Path) -> bool:
         entry = self.done.get(stage, {})
-        ok = (self.reuse and entry.get("fingerprint") == self.fingerprints[stage]
+        ok = (self.reuse and entry.get("fingerprint") == self._fingerprint(stage)
               and all(p.exists() for p in outputs))
         if ok:
-            logger.info("stage %s: reusing the finished result (fingerprint %s)", stage, self.fingerprints[stage])
+            logger.info("stage %s: reusing the finished result (fingerprint %s)", stage, self._fingerprint(stage))
         return ok
 
     def metrics(self, stage: str) -> dict[str, float]:
         return dict(self.done.get(stage, {}).get("metrics", {}))
 
+    def _fingerprint(self, stage: str) -> str:
+        """``ablation:<variant>`` entries share the ablation stage's fingerprint."""
+        return self.fingerprints[stage.split(":")[0]]
+
     def mark(self, stage: str, metrics: Optional[dict[str, float]] = None) -> None:
-        self.done[stage] = {"fingerprint": self.fingerprints[stage], "metrics": metrics or {}}
+        self.done[stage] = {"fingerprint": self._fingerprint(stage), "metrics": metrics or {}}
         self.path.write_text(json.dumps(self.done, indent=1), encoding="utf-8")
 
 
-def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evaluate: bool = True,
-               reuse: bool = True, jobs: int = 2, grid: Optional[Path] = None) -> dict[str, Any]:
-    """Run every stage into ``out``; returns (and writes) the report. With a kept ``work``
-    folder and ``reuse``, stages whose settings and inputs did not change are skipped.
-    ``jobs=2`` trains the autoencoder in a second process beside the VLM."""
+def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer: StageTimer,
+                stack: contextlib.ExitStack, jobs: int, stop_after: Optional[str], ablations: bool = False) -> bool:
+    """The training stages in order; False when stopped early after ``stop_after``."""
     from ..train.cache import FeatureCache
     from ..vae import load_vae
     from ..vlm.loader import load_vlm
 
+    vae_future = None
+    threads = torch.get_num_threads()
+    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE):
+        # The autoencoder trains in a second process while the VLM trains here; they share the
+        # threads (one each on 2 cores) so neither slows the other down by oversubscription.
+        pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+        vae_future = pool.submit(vae_job, recipe, out / DEMO_VAE, max(1, threads // 2))
+        torch.set_num_threads(max(1, threads - threads // 2))
+        logger.info("stage vae: started in a worker process")
+    with timer.stage("vlm"):
+        if log.finished("vlm", out / DEMO_VLM / "config.json"):
+            vlm = load_vlm(out / DEMO_VLM)
+        else:
+            vlm, metrics = stage_vlm(recipe, out / DEMO_VLM)
+            log.mark("vlm", metrics)
+    torch.set_num_threads(threads)
+    if stop_after == "vlm":
+        return False
+    if vae_future is not None:
+        metrics, timer.seconds["vae"] = vae_future.result()
+        log.mark("vae", metrics)
+        logger.info("stage vae: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["vae"]["wall_s"],
+                    timer.seconds["vae"]["cpu_s"])
+    else:
+        with timer.stage("vae"):
+            if not log.finished("vae", out / DEMO_VAE):
+                log.mark("vae", stage_vae(recipe, out / DEMO_VAE)[1])
+    vae = load_vae(out / DEMO_VAE)
+    if stop_after == "vae":
+        return False
+    with timer.stage("cache"):
+        if log.finished("cache", work / "cache" / "index.json"):
+            cache = FeatureCache(work / "cache")
+        else:
+            cache = stage_cache(recipe, vlm, vae, work / "cache")
+            log.mark("cache")
+    if stop_after == "cache":
+        return False
+    with timer.stage("t2i"):
+        t2i = work / "t2i.safetensors"
+        if not log.finished("t2i", t2i):
+            stage_t2i(recipe, cache, work)
+            log.mark("t2i")
+    if stop_after == "t2i":
+        return False
+    with timer.stage("edit"):
+        if not log.finished("edit", out / DEMO_CHECKPOINT):
+            stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
+            log.mark("edit")
+    if ablations:
+        with timer.stage("ablations"):
+            def done(name: str) -> bool:
+                return log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")
+
+            def mark(name: str) -> None:
+                log.mark(f"ablation:{name}")
+
+            stage_ablations(recipe, cache, work, done, mark)
+    return True
+
+
+def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evaluate: bool = True,
+               reuse: bool = True, jobs: int = 2, grid: Optional[Path] = None,
+               stop_after: Optional[str] = None, ablations: bool = False) -> dict[str, Any]:
+    """Run every stage into ``out``; returns (and writes) the report. With a kept ``work``
+    folder and ``reuse``, stages whose settings and inputs did not change are skipped, so a
+    run stopped early (``stop_after`` a stage) continues where it stopped. ``jobs=2`` trains
+    the autoencoder in a second process beside the VLM."""
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
     report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": torch.get_num_threads(), "metrics": {}}
@@ -157,52 +232,17 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
         work.mkdir(parents=True, exist_ok=True)
         log = StageLog(work, stage_fingerprints(recipe), reuse)
         started = time.monotonic()
-        vae_future = None
-        if jobs > 1 and not log.finished("vae", out / DEMO_VAE):
-            # The autoencoder trains in a second process while the VLM trains here.
-            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
-            vae_future = pool.submit(vae_job, recipe, out / DEMO_VAE, torch.get_num_threads())
-            logger.info("stage vae: started in a worker process")
-        with timer.stage("vlm"):
-            if log.finished("vlm", out / DEMO_VLM / "config.json"):
-                vlm = load_vlm(out / DEMO_VLM)
-            else:
-                vlm, metrics = stage_vlm(recipe, out / DEMO_VLM)
-                log.mark("vlm", metrics)
-        if vae_future is not None:
-            metrics, timer.seconds["vae"] = vae_future.result()
-            log.mark("vae", metrics)
-            logger.info("stage vae: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["vae"]["wall_s"],
-                        timer.seconds["vae"]["cpu_s"])
-        else:
-            with timer.stage("vae"):
-                if not log.finished("vae", out / DEMO_VAE):
-                    log.mark("vae", stage_vae(recipe, out / DEMO_VAE)[1])
-        vae = load_vae(out / DEMO_VAE)
-        with timer.stage("cache"):
-            if log.finished("cache", work / "cache" / "index.json"):
-                cache = FeatureCache(work / "cache")
-            else:
-                cache = stage_cache(recipe, vlm, vae, work / "cache")
-                log.mark("cache")
-        with timer.stage("t2i"):
-            t2i = work / "t2i.safetensors"
-            if not log.finished("t2i", t2i):
-                stage_t2i(recipe, cache, work)
-                log.mark("t2i")
-        with timer.stage("edit"):
-            if not log.finished("edit", out / DEMO_CHECKPOINT):
-                stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
-                log.mark("edit")
+        finished = _run_stages(out, recipe, work, log, timer, stack, jobs, stop_after, ablations)
         report["train_wall_s"] = round(time.monotonic() - started, 1)
         report["metrics"].update({"vlm": log.metrics("vlm"), "vae": log.metrics("vae")})
-        if (evaluate and recipe.eval_count) or grid is not None:
+        if finished and ((evaluate and recipe.eval_count) or grid is not None):
             with timer.stage("eval"):
-                report["metrics"]["benchmark"] = stage_eval(recipe.eval_count if evaluate else 0, out, grid)
+                report["metrics"]["benchmark"] = stage_eval(recipe.eval_count if evaluate else 0, out, grid, work)
     report["stages"] = timer.seconds
     report["files"] = file_digests(out)
     report["sizes_bytes"] = {name: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*"))
-                             for name, p in ((n, out / n) for n in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE))}
+                             for name, p in ((n, out / n) for n in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE))
+                             if p.exists()}
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     logger.info("train-demo finished in %.1fs of training; files in %s", report["train_wall_s"], out)
     return report
@@ -214,30 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The train-demo options (also mounted by the `unifusion` CLI)."""
-    p.add_argument("--out", type=Path, default=ASSETS_DIR, help="where the demo files go (default: the bundled assets)")
-    p.add_argument("--work", type=Path, help="keep the feature cache and training states here (default: a temp dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a minutes-long smoke run with tiny sizes (nothing is learned)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical re-runs; 1 on a busy machine)")
-    p.add_argument("--no-eval", action="store_true", help="skip the benchmark at the end")
-    p.add_argument("--jobs", type=int, default=2, choices=[1, 2],
-                   help="2: train the autoencoder in a second process beside the VLM; 1: one after the other")
-    p.add_argument("--grid", type=Path, help="also save a grid of real outputs (PNG) here, e.g. docs/demo_grid.png")
-    p.add_argument("--eval-only", action="store_true",
-                   help="train nothing: score the files already in --out (and draw --grid)")
-    p.add_argument("--redo", action="store_true",
-                   help="redo every stage even when --work holds finished ones with the same settings")
-    for name, kind in (("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int), ("edit-steps", int),
-                       ("t2i-samples", int), ("edit-samples", int), ("eval-count", int)):
-        p.add_argument(f"--{name}", type=kind, help="override the recipe's value")
-
-
 def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
     recipe = quick_recipe(args.seed) if args.quick else DemoRecipe(seed=args.seed)
     overrides = {name: getattr(args, name) for name in ("vae_steps", "t2i_steps", "edit_steps", "t2i_samples",
-                                                        "edit_samples", "eval_count")
+                                                        "edit_samples", "eval_count", "ablation_steps")
                  if getattr(args, name) is not None}
     recipe = replace(recipe, **overrides)
     if args.vlm_steps is not None:
@@ -253,11 +273,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("unifusion").setLevel(logging.INFO)  # stage progress is the point of this command
     recipe = recipe_from_args(args)
     if args.eval_only:
-        metrics = stage_eval(recipe.eval_count, args.out, args.grid)
+        metrics = stage_eval(recipe.eval_count, args.out, args.grid, args.work)
         (args.out / EVAL_NAME).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
         return 0
     train_demo(args.out, recipe, work=args.work, evaluate=not args.no_eval, reuse=not args.redo, jobs=args.jobs,
-               grid=args.grid)
+               grid=args.grid, stop_after=args.stop_after, ablations=args.ablations)
     return 0
 
 
