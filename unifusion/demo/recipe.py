@@ -22,12 +22,13 @@ class DemoRecipe:
     vlm_eval_count: int = 200
     vlm_eval_every: int = 600  # progress evaluations while the VLM trains (they do not change it)
     vae_images: int = 2048
-    vae_steps: int = 3000
+    vae_steps: int = 4000
     vae_batch_size: int = 16
     vae_crop: Optional[int] = 32
     vae_lr: float = 1e-3
     vae_latent_channels: int = 16  # ComfyUI's TAESD loader takes any count; 4 blur the 9 px shapes
     vae_foreground_weight: float = 4.0  # see unifusion.vae.train_vae
+    vae_edge_weight: float = 1.0  # see unifusion.vae.train_vae: keeps the corners that tell shapes apart
     vae_light: bool = True  # train with LIGHT_IDENTITY_BLOCKS (3x cheaper steps, same file layout)
     t2i_samples: int = 4000
     edit_samples: int = 1600

@@ -61,7 +61,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
     scenes = [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)]
     model = train_vae(_pixels(scenes), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
                       lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
-                      foreground_weight=recipe.vae_foreground_weight,
+                      foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
                       identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else ())
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)

@@ -96,7 +96,7 @@ def file_digests(out: Path) -> dict[str, str]:
 STAGE_PARAMS = {
     "vlm": ("seed", "vlm", "vlm_eval_count"),
     "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
-            "vae_foreground_weight", "vae_light"),
+            "vae_foreground_weight", "vae_edge_weight", "vae_light"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "cache_batch_size"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
             "batch_size", "t2i_steps", "t2i_lr", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
