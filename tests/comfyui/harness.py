@@ -4,7 +4,8 @@ The server is a subprocess started with ``--cpu`` on a free loopback port. Every
 input, output, temp, user, custom_nodes) lives under a temporary ``--base-directory``; the database is
 in memory. The pack is made visible through a symlink in that temporary ``custom_nodes`` folder, so
 the ComfyUI install is never modified and the repo is never copied. Only the standard library is used
-here: the test process does not need ComfyUI's dependencies.
+here (the test process does not need ComfyUI's dependencies), except by `ComfyServer.queue_and_interrupt`,
+which listens on the server's websocket through aiohttp.
 """
 
 from __future__ import annotations
@@ -294,6 +295,40 @@ class ComfyServer:
     def interrupt(self, prompt_id: str | None = None) -> None:
         """POST /interrupt: stops the running prompt (only that one when prompt_id is given)."""
         self.post("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def queue_and_interrupt(self, prompt: dict[str, Any], node: str, after_steps: int,
+                            timeout: float = 300.0) -> tuple[str, int]:
+        """Queue ``prompt`` for a websocket client of our own and interrupt once ``node`` has reported
+        ``after_steps`` progress steps, so the cancel lands inside that node (no sleeps, no timing);
+        returns (prompt id, the step count seen when interrupting)."""
+        import asyncio
+        import uuid
+
+        try:
+            import aiohttp
+        except ImportError as err:
+            raise RuntimeError("queue_and_interrupt needs aiohttp (pip install aiohttp; ComfyUI has it)") from err
+
+        async def run() -> tuple[str, int]:
+            client = uuid.uuid4().hex
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={client}") as ws:
+                    async with session.post(f"{self.url}/prompt", json={"prompt": prompt, "client_id": client}) as resp:
+                        prompt_id = (await resp.json())["prompt_id"]
+                    async for msg in ws:
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        event = json.loads(msg.data)
+                        data = event.get("data", {})
+                        if event["type"] == "progress" and data.get("node") == node and data["value"] >= after_steps:
+                            async with session.post(f"{self.url}/interrupt", json={}):
+                                return prompt_id, int(data["value"])
+                        if (event["type"] == "executing" and data.get("node") is None
+                                and data.get("prompt_id") == prompt_id):
+                            raise AssertionError(f"the prompt finished before {node} could be interrupted")
+            raise AssertionError(f"the websocket closed before {node} reported progress")
+
+        return asyncio.run(asyncio.wait_for(run(), timeout))
 
     def queue_state(self) -> dict[str, list]:
         """GET /queue: {"queue_running": [...], "queue_pending": [...]}."""

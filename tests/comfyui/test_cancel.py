@@ -10,11 +10,9 @@ the next encode returns exactly the features of one that was never interrupted.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +21,6 @@ import pytest
 from harness import ComfyServer, PromptInterrupted, find_python
 from test_nodes import graph, image_of
 from tiny_unifusion import ensure_tiny_files
-
-aiohttp = pytest.importorskip("aiohttp")
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 300.0
@@ -47,28 +43,8 @@ def rss_mb(server: ComfyServer) -> float:
     raise AssertionError("no VmRSS in /proc status")
 
 
-async def _queue_and_interrupt(url: str, prompt: dict, node: str, after_steps: int) -> str:
-    """Queue `prompt`, send an interrupt once `node` reported `after_steps` progress steps."""
-    client = uuid.uuid4().hex
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{url}/ws?clientId={client}") as ws:
-            async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client}) as resp:
-                prompt_id = (await resp.json())["prompt_id"]
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                event = json.loads(msg.data)
-                data = event.get("data", {})
-                if event["type"] == "progress" and data.get("node") == node and data["value"] >= after_steps:
-                    async with session.post(f"{url}/interrupt", json={}):
-                        return prompt_id
-                if event["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                    raise AssertionError(f"the prompt finished before {node} could be interrupted")
-    raise AssertionError(f"the websocket closed before {node} reported progress")
-
-
 def cancel(server: ComfyServer, prompt: dict, node: str, after_steps: int) -> None:
-    prompt_id = asyncio.run(asyncio.wait_for(_queue_and_interrupt(server.url, prompt, node, after_steps), WAIT_S))
+    prompt_id, _ = server.queue_and_interrupt(prompt, node, after_steps, WAIT_S)
     with pytest.raises(PromptInterrupted) as err:
         server.wait(prompt_id, timeout=WAIT_S)
     assert err.value.node_id == node
