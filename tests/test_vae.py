@@ -20,6 +20,7 @@ from unifusion.vae import (
     TinyAutoencoder,
     VAEFileError,
     calibrate_latents,
+    finetune_decoder,
     load_vae,
     save_pixel_space_vae,
     save_vae,
@@ -265,3 +266,23 @@ def test_identity_blocks_train_cheaper_and_stay_exact():
     assert trained == ["taesd_encoder.3", "taesd_decoder.13"]
     with pytest.raises(ValueError, match="not a Block"):
         train_vae(images, steps=1, width=4, identity_blocks=("taesd_decoder.0",))
+
+
+def test_finetune_decoder_keeps_the_latents_and_the_cache_fingerprint():
+    from unifusion.train.fingerprint import vae_fingerprint
+
+    images = demo_images(32, 4, size=32)
+    model = train_vae(images, steps=40, seed=0, width=8, batch_size=8, lr=3e-3, identity_blocks=())
+    with torch.no_grad():
+        latents, before = model.encode(images), model.decode(model.encode(images))
+    fingerprint = vae_fingerprint(model)
+    decoder = copy.deepcopy(model.taesd_decoder.state_dict())
+    model.requires_grad_(False)  # as load_vae hands it over
+    finetune_decoder(model, images, steps=60, seed=1, batch_size=8, lr=3e-3, edge_weight=1.0)
+    with torch.no_grad():
+        assert torch.equal(model.encode(images), latents)  # encoder and latent statistics untouched
+        after = model.decode(latents)
+    assert vae_fingerprint(model) == fingerprint  # a feature cache of these latents stays valid
+    assert any(not torch.equal(v, model.taesd_decoder.state_dict()[k]) for k, v in decoder.items())
+    assert float((after - images).pow(2).mean()) < float((before - images).pow(2).mean())
+    assert not any(p.requires_grad for p in model.parameters())  # flags restored

@@ -359,6 +359,37 @@ def train_vae(
     return model
 
 
+def finetune_decoder(
+    model: TinyAutoencoder,
+    images: torch.Tensor,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    l1_weight: float = 0.1,
+    crop: int | None = None,
+    foreground_weight: float = 0.0,
+    edge_weight: float = 0.0,
+    callback: Callable[[int, float], None] | None = None,
+) -> TinyAutoencoder:
+    """Train only the decoder of a trained autoencoder, every Block included (a run with
+    ``identity_blocks`` left some as identities, which this fills in). The encoder and the
+    latent statistics stay exactly as they were, so latents already computed with it (a
+    feature cache, a DiT trained on them) stay valid. Same loss and options as `train_vae`."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False)
+    model.taesd_decoder.requires_grad_(True)
+    try:
+        _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback)
+    finally:
+        for param, flag in frozen:
+            param.requires_grad_(flag)
+    return model.eval()
+
+
 def _edge_error(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L1 between the horizontal and vertical pixel differences of ``out`` and ``x``: MSE alone
     is content with soft edges, which turns a small square or triangle into a blob."""

@@ -39,7 +39,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     report = json.loads((out / REPORT_NAME).read_text())
     grid = Image.open(work / "grid.png")
     assert grid.width > 4 * 128 and grid.height > 3 * 128
-    assert set(report["stages"]) == {"vlm", "vae", "cache", "t2i", "edit", "ablations", "eval"}
+    assert set(report["stages"]) == {"vlm", "vae", "cache", "t2i", "edit", "decoder", "ablations", "eval"}
     assert all(s["wall_s"] >= 0 for s in report["stages"].values())
     benchmark = report["metrics"]["benchmark"]
     assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
@@ -78,7 +78,9 @@ def test_fingerprints_change_downstream_only():
     edit = stage_fingerprints(replace(quick_recipe(), edit_steps=9))
     assert [s for s in base if base[s] != edit[s]] == ["edit"]
     vae = stage_fingerprints(replace(quick_recipe(), vae_steps=9))
-    assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "ablation"]
+    assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "decoder", "ablation"]
+    decoder = stage_fingerprints(replace(quick_recipe(), decoder_steps=9))
+    assert [s for s in base if base[s] != decoder[s]] == ["decoder"]
     ablation = stage_fingerprints(replace(quick_recipe(), ablation_steps=9))
     assert [s for s in base if base[s] != ablation[s]] == ["ablation"]
 

@@ -30,8 +30,10 @@ class DemoRecipe:
     vae_foreground_weight: float = 4.0  # see unifusion.vae.train_vae
     vae_edge_weight: float = 1.0  # see unifusion.vae.train_vae: keeps the corners that tell shapes apart
     vae_light: bool = True  # train with LIGHT_IDENTITY_BLOCKS (3x cheaper steps, same file layout)
-    t2i_samples: int = 4000
-    edit_samples: int = 1600
+    decoder_steps: int = 3000  # then the decoder alone with every Block, beside the DiT stages
+    decoder_lr: float = 5e-4
+    t2i_samples: int = 6000
+    edit_samples: int = 2000
     verifi_max_new_tokens: int = 48
     cache_batch_size: int = 64  # prompts per VLM encode and per batched Verifi generate
     dit_width: int = 192
@@ -41,9 +43,9 @@ class DemoRecipe:
     lap_heads: int = 4
     refiner_blocks: int = 1
     batch_size: int = 32
-    t2i_steps: int = 2000
-    t2i_lr: float = 5e-4
-    edit_steps: int = 500
+    t2i_steps: int = 1500
+    t2i_lr: float = 8e-4
+    edit_steps: int = 400
     edit_lr: float = 2e-4
     warmup_steps: int = 100
     ema_decay: float = 0.999
@@ -51,7 +53,7 @@ class DemoRecipe:
     recon_prob: float = 0.03
     verifi_prob: float = 0.5
     eval_count: int = 48
-    ablation_steps: int = 600  # text-to-image steps of each ablation variant (`train-demo --ablations`)
+    ablation_steps: int = 300  # text-to-image steps of each ablation variant (`train-demo --ablations`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +63,7 @@ def quick_recipe(seed: int = 0) -> DemoRecipe:
     """Minutes on a CPU: every stage runs, nothing is learned (for tests and smoke runs)."""
     vlm = VLMTrainConfig(num_layers=4, hidden_size=32, steps=6, batch_size=8, pool_size=24, warmup_steps=2, seed=seed)
     return DemoRecipe(seed=seed, vlm=vlm, vlm_eval_count=4, vae_images=16, vae_steps=3, vae_batch_size=4,
-                      vae_crop=16, t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
+                      vae_crop=16, decoder_steps=2, t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
                       dit_width=32, dit_depth=1, dit_heads=2, time_embed_dim=32, lap_heads=2, refiner_blocks=1,
                       batch_size=4, t2i_steps=4, edit_steps=2, warmup_steps=1, eval_count=1, ablation_steps=2)
 

@@ -57,9 +57,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
     if threads:
         torch.set_num_threads(threads)
 
-    rng = random.Random(recipe.seed)
-    scenes = [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)]
-    model = train_vae(_pixels(scenes), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
+    model = train_vae(_vae_images(recipe), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
                       lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
                       foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
                       identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else ())
@@ -70,13 +68,41 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
     return vae, metrics
 
 
-def vae_job(recipe: DemoRecipe, path: Path, threads: int) -> tuple[dict[str, float], dict[str, float]]:
-    """`stage_vae` in a worker process (spawned: logging is set up again there);
+def _vae_images(recipe: DemoRecipe) -> torch.Tensor:
+    """The autoencoder's training scenes (a quarter of them count scenes), seeded by the recipe."""
+    rng = random.Random(recipe.seed)
+    return _pixels([random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)])
+
+
+def stage_decoder(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:
+    """Finetune the decoder of the autoencoder at ``path`` with every Block (the ``vae`` stage
+    trained a lighter one) and save it there. The encoder is frozen, so the cached latents and
+    the DiT trained on them stay valid: this runs beside the DiT stages."""
+    from ..vae import finetune_decoder, load_vae, save_vae
+    from .evaluate import evaluate_vae
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = finetune_decoder(load_vae(path), _vae_images(recipe), recipe.decoder_steps, seed=recipe.seed + 1,
+                             batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
+                             foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight)
+    save_vae(model, path, metadata={"source": "unifusion train-demo"})
+    vae = load_vae(path)
+    metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
+    logger.info("decoder metrics: %s", json.dumps(metrics))
+    return vae, metrics
+
+
+WORKER_STAGES = {"vae": stage_vae, "decoder": stage_decoder}
+
+
+def worker_job(stage: str, recipe: DemoRecipe, path: Path, threads: int) -> tuple[dict[str, float], dict[str, float]]:
+    """A `WORKER_STAGES` stage in a worker process (spawned: logging is set up again there);
     returns its metrics and its wall/CPU seconds."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     wall, cpu = time.monotonic(), time.process_time()
-    metrics = stage_vae(recipe, path, threads)[1]
+    metrics = WORKER_STAGES[stage](recipe, path, threads)[1]
     return metrics, {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
 
 

@@ -42,8 +42,8 @@ import torch
 from ..bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
 from .options import add_arguments
 from .recipe import DemoRecipe, quick_recipe
-from .stages import (LOG_FORMAT, stage_ablations, stage_cache, stage_edit, stage_eval, stage_t2i, stage_vae,
-                     stage_vlm, vae_job)
+from .stages import (LOG_FORMAT, stage_ablations, stage_cache, stage_decoder, stage_edit, stage_eval, stage_t2i,
+                     stage_vae, stage_vlm, worker_job)
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -102,9 +102,10 @@ STAGE_PARAMS = {
             "batch_size", "t2i_steps", "t2i_lr", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
             "verifi_prob"),
     "edit": ("edit_steps", "edit_lr"),
+    "decoder": ("decoder_steps", "decoder_lr"),
     "ablation": ("ablation_steps",),
 }
-UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",),
+UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",), "decoder": ("vae",),
             "ablation": ("t2i",)}
 MARKERS = "stages.json"
 
@@ -114,7 +115,7 @@ def stage_fingerprints(recipe: DemoRecipe) -> dict[str, str]:
     redone exactly when something that feeds it changed."""
     raw = recipe.to_dict()
     out: dict[str, str] = {}
-    for stage in ("vlm", "vae", "cache", "t2i", "edit", "ablation"):
+    for stage in ("vlm", "vae", "cache", "t2i", "edit", "decoder", "ablation"):
         # --threads is left out: a stage finished with other thread counts is reused as it is.
         payload = {"params": {k: raw[k] for k in STAGE_PARAMS[stage]}, "upstream": [out[u] for u in UPSTREAM[stage]]}
         out[stage] = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,6 +149,25 @@ class StageLog:
         self.path.write_text(json.dumps(self.done, indent=1), encoding="utf-8")
 
 
+def _start_worker(stack: contextlib.ExitStack, stage: str, recipe: DemoRecipe, path: Path, threads: int) -> Any:
+    """Run a `WORKER_STAGES` stage in a spawned process while this one goes on; the two share
+    the threads (one each on 2 cores), so neither slows the other down by oversubscription."""
+    pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+    future = pool.submit(worker_job, stage, recipe, path, max(1, threads // 2))
+    torch.set_num_threads(max(1, threads - threads // 2))
+    logger.info("stage %s: started in a worker process", stage)
+    return future
+
+
+def _finish_worker(future: Any, stage: str, log: "StageLog", timer: StageTimer, threads: int) -> None:
+    """Wait for a worker stage, record it, and give this process all the threads again."""
+    metrics, timer.seconds[stage] = future.result()
+    torch.set_num_threads(threads)
+    log.mark(stage, metrics)
+    logger.info("stage %s: done in the worker in %.1fs (cpu %.1fs)", stage, timer.seconds[stage]["wall_s"],
+                timer.seconds[stage]["cpu_s"])
+
+
 def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer: StageTimer,
                 stack: contextlib.ExitStack, jobs: int, stop_after: Optional[str], ablations: bool = False) -> bool:
     """The training stages in order; False when stopped early after ``stop_after``."""
@@ -155,29 +175,20 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     from ..vae import load_vae
     from ..vlm.loader import load_vlm
 
-    vae_future = None
     threads = torch.get_num_threads()
+    vae_future = None
     if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE):
-        # The autoencoder trains in a second process while the VLM trains here; they share the
-        # threads (one each on 2 cores) so neither slows the other down by oversubscription.
-        pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
-        vae_future = pool.submit(vae_job, recipe, out / DEMO_VAE, max(1, threads // 2))
-        torch.set_num_threads(max(1, threads - threads // 2))
-        logger.info("stage vae: started in a worker process")
+        vae_future = _start_worker(stack, "vae", recipe, out / DEMO_VAE, threads)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
             vlm = load_vlm(out / DEMO_VLM)
         else:
             vlm, metrics = stage_vlm(recipe, out / DEMO_VLM)
             log.mark("vlm", metrics)
-    torch.set_num_threads(threads)
     if stop_after == "vlm":
         return False
     if vae_future is not None:
-        metrics, timer.seconds["vae"] = vae_future.result()
-        log.mark("vae", metrics)
-        logger.info("stage vae: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["vae"]["wall_s"],
-                    timer.seconds["vae"]["cpu_s"])
+        _finish_worker(vae_future, "vae", log, timer, threads)
     else:
         with timer.stage("vae"):
             if not log.finished("vae", out / DEMO_VAE):
@@ -193,17 +204,28 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("cache")
     if stop_after == "cache":
         return False
+    decoder_future = None
+    if jobs > 1 and not log.finished("decoder", out / DEMO_VAE):
+        # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
+        decoder_future = _start_worker(stack, "decoder", recipe, out / DEMO_VAE, threads)
     with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
+    if stop_after != "t2i":
+        with timer.stage("edit"):
+            if not log.finished("edit", out / DEMO_CHECKPOINT):
+                stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
+                log.mark("edit")
+    if decoder_future is not None:
+        _finish_worker(decoder_future, "decoder", log, timer, threads)
+    else:
+        with timer.stage("decoder"):
+            if not log.finished("decoder", out / DEMO_VAE):
+                log.mark("decoder", stage_decoder(recipe, out / DEMO_VAE)[1])
     if stop_after == "t2i":
         return False
-    with timer.stage("edit"):
-        if not log.finished("edit", out / DEMO_CHECKPOINT):
-            stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
-            log.mark("edit")
     if ablations:
         with timer.stage("ablations"):
             def done(name: str) -> bool:

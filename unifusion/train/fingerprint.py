@@ -38,8 +38,11 @@ def state_fingerprint(state: Mapping[str, torch.Tensor], max_elements: Optional[
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
-    """Hash of every VAE weight (class name included: a pixel-space VAE has almost no weights)."""
-    return hashlib.sha256(f"{type(vae).__name__}|{state_fingerprint(vae.state_dict())}".encode()).hexdigest()
+    """Hash of the VAE weights that make the latents (class name included: a pixel-space VAE has
+    almost no weights). A TAESD-layout decoder does not change the latents, so a finetuned
+    decoder (`unifusion.vae.finetune_decoder`) keeps a feature cache valid."""
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith("taesd_decoder.")}
+    return hashlib.sha256(f"{type(vae).__name__}|{state_fingerprint(state)}".encode()).hexdigest()
 
 
 def vlm_fingerprint(vlm: Any) -> str:
