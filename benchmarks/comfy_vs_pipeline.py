@@ -44,7 +44,7 @@ from benchmarks.common import comfyui_dir, import_comfy, interleaved, log_lines,
 from benchmarks.common import process_cpu_seconds, setup, table, verdict  # noqa: E402
 from harness import ComfyServer  # noqa: E402
 from ui_workflow import ui_to_api  # noqa: E402
-from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM  # noqa: E402
+from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VAE_PATH, DEMO_VLM  # noqa: E402
 from unifusion.pipeline import UniFusionPipeline  # noqa: E402
 
 logger = logging.getLogger("benchmarks.comfy_vs_pipeline")
@@ -76,7 +76,7 @@ class Timing:
 def model_files(work: Path) -> tuple[dict[str, Path], str]:
     """The bundled demo files when they exist, else a tiny random model (built once under ``work``)."""
     bundled = {"unifusion_vlm": ASSETS_DIR / DEMO_VLM, "diffusion_models": ASSETS_DIR / DEMO_CHECKPOINT,
-               "vae": ASSETS_DIR / DEMO_VAE}
+               "vae": ASSETS_DIR / DEMO_VAE_PATH}
     if all(p.exists() for p in bundled.values()):
         return bundled, f"bundled demo model ({ASSETS_DIR})"
     from tiny_unifusion import build_tiny_files

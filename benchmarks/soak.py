@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests" / "comfyui"), str(REPO)]
 
 from harness import ComfyServer, PromptFailed, find_comfyui  # noqa: E402
-from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM  # noqa: E402
+from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VAE_PATH, DEMO_VLM  # noqa: E402
 
 logger = logging.getLogger("benchmarks.soak")
 GROWTH_GOAL = 0.05
@@ -137,7 +137,7 @@ def rss_mb(pid: int) -> float:
 
 def link_model(server: ComfyServer, tiny_root: Path) -> str:
     """The bundled demo model when it is there (the pack lists it itself), else a tiny random one."""
-    if all((ASSETS_DIR / name).exists() for name in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE)):
+    if all((ASSETS_DIR / name).exists() for name in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE_PATH)):
         return f"bundled demo model ({ASSETS_DIR})"
     from tiny_unifusion import build_tiny_files, link_tiny_files
 

@@ -17,7 +17,7 @@ from typing import Optional
 
 import folder_paths
 
-from ..unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from ..unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VAE_PATH, DEMO_VLM
 from .folders import list_vlm_folders, resolve_file, resolve_vlm_folder, with_bundled
 
 VLM_FOLDER = "unifusion_vlm"
@@ -29,7 +29,7 @@ def register() -> None:
     """Called once when the pack is imported."""
     folder_paths.add_model_folder_path(VLM_FOLDER, os.path.join(folder_paths.models_dir, VLM_FOLDER),
                                        is_default=True)
-    folder_paths.add_model_folder_path(VAE_FOLDER, str((ASSETS_DIR / DEMO_VAE).parent))
+    folder_paths.add_model_folder_path(VAE_FOLDER, str((ASSETS_DIR / DEMO_VAE_PATH).parent))
 
 
 def vlm_names() -> list[str]:

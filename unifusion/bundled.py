@@ -16,6 +16,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "demo" / "assets"
 DEMO_VLM = "unifusion-demo-vlm"
 DEMO_CHECKPOINT = "unifusion-demo.safetensors"
 DEMO_VAE = "unifusion-demo-vae.safetensors"
+# The autoencoder sits in a folder of its own: ComfyUI lists that folder in VAELoader, which
+# must not offer the DiT checkpoint or the VLM's weights as VAEs.
+DEMO_VAE_PATH = f"vae/{DEMO_VAE}"
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class DemoFiles:
 
 def demo_files(assets_dir: Path = ASSETS_DIR) -> DemoFiles:
     """Paths of the bundled demo model; a clear error when they have not been trained yet."""
-    files = DemoFiles(assets_dir / DEMO_VLM, assets_dir / DEMO_CHECKPOINT, assets_dir / DEMO_VAE)
+    files = DemoFiles(assets_dir / DEMO_VLM, assets_dir / DEMO_CHECKPOINT, assets_dir / DEMO_VAE_PATH)
     missing = [p.name for p in (files.vlm, files.checkpoint, files.vae) if not p.exists()]
     if missing:
         raise UniFusionError(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unifusion.bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from unifusion.bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.checkpoint import read_checkpoint_header
 from unifusion.demo.train_demo import (
     REPORT_NAME,
@@ -50,7 +50,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)
     assert header.config.extra["sampling_shift"] > 0 and header.config.extra["ema"] is True
     assert header.config.extra["trained_steps"] == quick_recipe().edit_steps
-    pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE)
+    pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH)
     images, condition = pipe.generate("a red circle", steps=2, seed=0)
     assert images[0].size == (64, 64) and condition.tokens.shape[-1] == header.config.dit.hidden_size
     edited, _ = pipe.generate("make the red circle blue", images=[images[0]], steps=2, seed=0, verifi=True)
@@ -67,7 +67,7 @@ def test_same_seed_same_files_and_reuse(quick_run, tmp_path):
     first, second = file_digests(out), file_digests(again)
     assert first == second and len(first) >= 8
     # Same work folder, same settings: every stage is reused and nothing is rewritten.
-    before = {p: p.stat().st_mtime_ns for p in (out / DEMO_CHECKPOINT, out / DEMO_VAE, out / DEMO_VLM / "config.json")}
+    before = {p: p.stat().st_mtime_ns for p in (out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH, out / DEMO_VLM / "config.json")}
     assert main(["--quick", "--out", str(out), "--work", str(work), "--seed", "3", "--no-eval"]) == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert json.loads((out / REPORT_NAME).read_text())["files"] == first

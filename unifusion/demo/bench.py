@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .evaluate import evaluate_compositions, evaluate_edits, evaluate_t2i
 from .options import add_bench_arguments
 from .scorer import read_scene
@@ -73,7 +73,7 @@ def run_benchmark(assets: Path = ASSETS_DIR, count: int = 48, work: Optional[Pat
                   steps: int = 20) -> dict[str, dict[str, float]]:
     """Every row of the table: ``{row name: {metric: value}}``. ``work`` is a `train-demo --work`
     folder; its ablation checkpoints and the pre-finetune model add the ablation rows."""
-    vlm, vae = assets / DEMO_VLM, assets / DEMO_VAE
+    vlm, vae = assets / DEMO_VLM, assets / DEMO_VAE_PATH
     rows: dict[str, dict[str, float]] = {}
     pipe = _pipe(vlm, assets / DEMO_CHECKPOINT, vae)
     rows["t2i"] = evaluate_t2i(pipe, count, verifi=False, steps=steps)

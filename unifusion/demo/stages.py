@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from ..bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .batch_verifi import verifi_rewrite_batch
 from .grammar import sample_edits, sample_t2i
 from .recipe import DemoRecipe, dit_config
@@ -203,7 +203,7 @@ def stage_eval(count: int, out: Path, grid: Optional[Path] = None, work: Optiona
     if metrics:
         logger.info("benchmark:\n%s", format_table(metrics))
     if grid is not None:
-        pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE)
+        pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH)
         grid.parent.mkdir(parents=True, exist_ok=True)
         default_grid(pipe).save(grid)
         logger.info("saved the output grid to %s", grid)

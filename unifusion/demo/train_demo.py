@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from ..bundled import DEMO_CHECKPOINT, DEMO_VAE, DEMO_VLM
+from ..bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .options import add_arguments
 from .recipe import DemoRecipe, quick_recipe
 from .stages import (LOG_FORMAT, stage_ablations, stage_cache, stage_decoder, stage_edit, stage_eval, stage_t2i,
@@ -89,7 +89,7 @@ def content_digest(path: Path) -> str:
 
 def file_digests(out: Path) -> dict[str, str]:
     """Content digests of every shipped model file (the report is left out: it holds timings)."""
-    files = [out / DEMO_CHECKPOINT, out / DEMO_VAE] + sorted((out / DEMO_VLM).glob("*"))
+    files = [out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH] + sorted((out / DEMO_VLM).glob("*"))
     return {str(p.relative_to(out)): content_digest(p) for p in files if p.is_file()}
 
 
@@ -177,8 +177,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
 
     threads = torch.get_num_threads()
     vae_future = None
-    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE):
-        vae_future = _start_worker(stack, "vae", recipe, out / DEMO_VAE, threads)
+    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE_PATH):
+        vae_future = _start_worker(stack, "vae", recipe, out / DEMO_VAE_PATH, threads)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
             vlm = load_vlm(out / DEMO_VLM)
@@ -191,9 +191,9 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         _finish_worker(vae_future, "vae", log, timer, threads)
     else:
         with timer.stage("vae"):
-            if not log.finished("vae", out / DEMO_VAE):
-                log.mark("vae", stage_vae(recipe, out / DEMO_VAE)[1])
-    vae = load_vae(out / DEMO_VAE)
+            if not log.finished("vae", out / DEMO_VAE_PATH):
+                log.mark("vae", stage_vae(recipe, out / DEMO_VAE_PATH)[1])
+    vae = load_vae(out / DEMO_VAE_PATH)
     if stop_after == "vae":
         return False
     with timer.stage("cache"):
@@ -205,9 +205,9 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     if stop_after == "cache":
         return False
     decoder_future = None
-    if jobs > 1 and not log.finished("decoder", out / DEMO_VAE):
+    if jobs > 1 and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
-        decoder_future = _start_worker(stack, "decoder", recipe, out / DEMO_VAE, threads)
+        decoder_future = _start_worker(stack, "decoder", recipe, out / DEMO_VAE_PATH, threads)
     with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
@@ -222,8 +222,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         _finish_worker(decoder_future, "decoder", log, timer, threads)
     else:
         with timer.stage("decoder"):
-            if not log.finished("decoder", out / DEMO_VAE):
-                log.mark("decoder", stage_decoder(recipe, out / DEMO_VAE)[1])
+            if not log.finished("decoder", out / DEMO_VAE_PATH):
+                log.mark("decoder", stage_decoder(recipe, out / DEMO_VAE_PATH)[1])
     if stop_after == "t2i":
         return False
     if ablations:
@@ -263,7 +263,7 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
     report["stages"] = timer.seconds
     report["files"] = file_digests(out)
     report["sizes_bytes"] = {name: p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.glob("*"))
-                             for name, p in ((n, out / n) for n in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE))
+                             for name, p in ((n, out / n) for n in (DEMO_VLM, DEMO_CHECKPOINT, DEMO_VAE_PATH))
                              if p.exists()}
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     logger.info("train-demo finished in %.1fs of training; files in %s", report["train_wall_s"], out)
