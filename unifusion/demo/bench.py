@@ -69,13 +69,25 @@ def evaluate_reconstruction(pipe: Any, count: int, tiles: int, seed: int = SPLIT
     return {"exact": float(np.mean(exact)), "psnr": float(np.mean(psnr))}
 
 
+PARTS = ("model", "ablations")
+
+
 def run_benchmark(assets: Path = ASSETS_DIR, count: int = 48, work: Optional[Path] = None,
-                  steps: int = 20) -> dict[str, dict[str, float]]:
+                  steps: int = 20, parts: Sequence[str] = PARTS) -> dict[str, dict[str, float]]:
     """Every row of the table: ``{row name: {metric: value}}``. ``work`` is a `train-demo --work`
-    folder; its ablation checkpoints and the pre-finetune model add the ablation rows."""
+    folder; its ablation checkpoints and the pre-finetune model add the ablation rows. ``parts``
+    picks the shipped model's rows, the ablation rows or both (to run them in two processes)."""
     vlm, vae = assets / DEMO_VLM, assets / DEMO_VAE_PATH
     rows: dict[str, dict[str, float]] = {}
-    pipe = _pipe(vlm, assets / DEMO_CHECKPOINT, vae)
+    if "model" in parts:
+        rows.update(_model_rows(_pipe(vlm, assets / DEMO_CHECKPOINT, vae), count, steps))
+    if "ablations" in parts and work is not None:
+        rows.update(_ablation_rows(vlm, vae, work, count, steps))
+    return {name: {k: round(float(v), 4) for k, v in row.items()} for name, row in rows.items()}
+
+
+def _model_rows(pipe: Any, count: int, steps: int) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
     rows["t2i"] = evaluate_t2i(pipe, count, verifi=False, steps=steps)
     rows["t2i, Verifi rewrite"] = evaluate_t2i(pipe, count, verifi=True, steps=steps)
     rows["t2i, held-out colour/shape pairs"] = evaluate_t2i(pipe, max(1, count // 2), verifi=False, split="heldout",
@@ -87,19 +99,22 @@ def run_benchmark(assets: Path = ASSETS_DIR, count: int = 48, work: Optional[Pat
     for tiles in RECON_TILES:
         rows[f"reconstruction, {tiles} tile{'s' if tiles > 1 else ''}"] = evaluate_reconstruction(
             pipe, max(1, count // 2), tiles, steps=steps)
-    if work is not None:
-        if (work / BEFORE_EDIT).is_file():
-            rows["t2i before the edit finetune"] = evaluate_t2i(_pipe(vlm, work / BEFORE_EDIT, vae), count,
-                                                                verifi=False, steps=steps)
-        for name, label in ABLATIONS.items():
-            path = work / "ablations" / f"{name}.safetensors"
-            if path.is_file():
-                variant = _pipe(vlm, path, vae)
-                rows[f"ablation: {label}"] = evaluate_t2i(variant, count, verifi=False, steps=steps)
-                if name in ("lap", "no_verifi"):
-                    rows[f"ablation: {label}, Verifi rewrite"] = evaluate_t2i(variant, count, verifi=True,
-                                                                             steps=steps)
-    return {name: {k: round(float(v), 4) for k, v in row.items()} for name, row in rows.items()}
+    return rows
+
+
+def _ablation_rows(vlm: Path, vae: Path, work: Path, count: int, steps: int) -> dict[str, dict[str, float]]:
+    rows: dict[str, dict[str, float]] = {}
+    if (work / BEFORE_EDIT).is_file():
+        rows["t2i before the edit finetune"] = evaluate_t2i(_pipe(vlm, work / BEFORE_EDIT, vae), count,
+                                                            verifi=False, steps=steps)
+    for name, label in ABLATIONS.items():
+        path = work / "ablations" / f"{name}.safetensors"
+        if path.is_file():
+            variant = _pipe(vlm, path, vae)
+            rows[f"ablation: {label}"] = evaluate_t2i(variant, count, verifi=False, steps=steps)
+            if name in ("lap", "no_verifi"):
+                rows[f"ablation: {label}, Verifi rewrite"] = evaluate_t2i(variant, count, verifi=True, steps=steps)
+    return rows
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -121,9 +136,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge:
+        rows: dict[str, dict[str, float]] = {}
+        for path in args.merge:
+            rows.update(json.loads(path.read_text(encoding="utf-8")))
+        sys.stdout.write(format_table(rows) + "\n")
+        return 0
     if args.count < 1:
         raise SystemExit("--count must be >= 1")
-    rows = run_benchmark(args.assets, args.count, args.work, args.steps)
+    rows = run_benchmark(args.assets, args.count, args.work, args.steps, args.parts)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     sys.stdout.write(format_table(rows) + "\n")

@@ -41,3 +41,6 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=48, help="prompts per text-to-image row (others use half)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--parts", nargs="+", choices=["model", "ablations"], default=["model", "ablations"],
+                   help="the shipped model's rows, the ablation rows (with --work), or both")
+    p.add_argument("--merge", type=Path, nargs="+", help="print one table from earlier --json files; scores nothing")
