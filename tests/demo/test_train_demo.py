@@ -44,7 +44,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     benchmark = report["metrics"]["benchmark"]
     assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
     assert {"ablation: deepest selected layer only", "ablation: mean of the selected layers",
-            "t2i before the edit finetune", "reconstruction, 4 tiles"} <= set(benchmark)
+            "t2i before the edit finetune", "reconstruction, 4 tiles + thumbnail"} <= set(benchmark)
     for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
         assert read_checkpoint_header(work / "ablations" / f"{name}.safetensors").config.lap.pooling == pooling
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .evaluate import evaluate_compositions, evaluate_edits, evaluate_t2i
@@ -43,7 +45,7 @@ ABLATIONS = {
 }
 BEFORE_EDIT = "t2i.safetensors"  # in the work folder: the text-to-image model the edit stage starts from
 T2I_ATTRIBUTES = ("colour", "kind", "size", "position", "count")
-RECON_TILES = (1, 2, 4)
+RECON_TILES = (1, 4, 9)  # square grids: 1x1, 2x2 and 3x3 tiles (plus the thumbnail when more than one)
 
 
 def _pipe(vlm: Path, checkpoint: Path, vae: Path) -> Any:
@@ -54,14 +56,20 @@ def _pipe(vlm: Path, checkpoint: Path, vae: Path) -> Any:
 
 def evaluate_reconstruction(pipe: Any, count: int, tiles: int, seed: int = SPLIT_SEEDS["test"] + 7,
                             steps: int = 20) -> dict[str, float]:
-    """Generate from the VLM's view of a target image alone (no text, ``tiles`` tiles), the way
-    reconstruction batches are conditioned in training; exact scenes and PSNR to the target."""
+    """Generate from the VLM's view of a target image alone (no text), the way reconstruction
+    batches are conditioned in training (there: one tile); exact scenes and PSNR to the target.
+    ``tiles`` is a square number: the target is enlarged to that many tile sizes (nearest
+    neighbour, no new detail), so the VLM's tiler cuts it into a sqrt(tiles) grid of tiles."""
+    side = math.isqrt(tiles)
+    if side * side != tiles:
+        raise ValueError(f"tiles must be a square number (1, 4, 9, ...), got {tiles}")
     rng = random.Random(seed)
     exact, psnr = [], []
     for i in range(count):
         scene = random_scene(rng)
         target = render(scene)
-        images, _ = pipe.generate("", images=[target], max_tiles=tiles, steps=steps, seed=i)
+        view = target.resize((target.width * side, target.height * side), Image.Resampling.NEAREST)
+        images, _ = pipe.generate("", images=[view], max_tiles=tiles, steps=steps, seed=i)
         out = np.asarray(images[0], dtype=np.float32) / 255.0
         mse = float(((out - np.asarray(target, dtype=np.float32) / 255.0) ** 2).mean())
         exact.append(float(read_scene(out) == scene))
@@ -97,7 +105,7 @@ def _model_rows(pipe: Any, count: int, steps: int) -> dict[str, dict[str, float]
     rows["compose, references removed"] = evaluate_compositions(pipe, max(1, count // 2), steps=steps,
                                                                 drop_references=True)
     for tiles in RECON_TILES:
-        rows[f"reconstruction, {tiles} tile{'s' if tiles > 1 else ''}"] = evaluate_reconstruction(
+        rows[f"reconstruction, {tiles} tile{'s + thumbnail' if tiles > 1 else ''}"] = evaluate_reconstruction(
             pipe, max(1, count // 2), tiles, steps=steps)
     return rows
 
