@@ -42,8 +42,8 @@ import torch
 from ..bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .options import add_arguments
 from .recipe import DemoRecipe, quick_recipe
-from .stages import (LOG_FORMAT, stage_ablations, stage_cache, stage_decoder, stage_edit, stage_eval, stage_t2i,
-                     stage_vae, stage_vlm, worker_job)
+from .stages import (LOG_FORMAT, WORKER_STAGES, stage_ablations, stage_cache, stage_edit, stage_eval, stage_t2i,
+                     stage_vlm, worker_job)
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -159,8 +159,15 @@ def _start_worker(stack: contextlib.ExitStack, stage: str, recipe: DemoRecipe, p
     return future
 
 
-def _finish_worker(future: Any, stage: str, log: "StageLog", timer: StageTimer, threads: int) -> None:
-    """Wait for a worker stage, record it, and give this process all the threads again."""
+def _finish_worker_stage(future: Any, stage: str, recipe: DemoRecipe, path: Path, log: "StageLog",
+                         timer: StageTimer, threads: int) -> None:
+    """Wait for the worker running ``stage``, record it and give this process all the threads
+    again; without a worker (``--jobs 1``, or nothing to redo) run the stage here unless finished."""
+    if future is None:
+        with timer.stage(stage):
+            if not log.finished(stage, path):
+                log.mark(stage, WORKER_STAGES[stage](recipe, path)[1])
+        return
     metrics, timer.seconds[stage] = future.result()
     torch.set_num_threads(threads)
     log.mark(stage, metrics)
@@ -187,12 +194,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("vlm", metrics)
     if stop_after == "vlm":
         return False
-    if vae_future is not None:
-        _finish_worker(vae_future, "vae", log, timer, threads)
-    else:
-        with timer.stage("vae"):
-            if not log.finished("vae", out / DEMO_VAE_PATH):
-                log.mark("vae", stage_vae(recipe, out / DEMO_VAE_PATH)[1])
+    _finish_worker_stage(vae_future, "vae", recipe, out / DEMO_VAE_PATH, log, timer, threads)
     vae = load_vae(out / DEMO_VAE_PATH)
     if stop_after == "vae":
         return False
@@ -218,12 +220,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             if not log.finished("edit", out / DEMO_CHECKPOINT):
                 stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
                 log.mark("edit")
-    if decoder_future is not None:
-        _finish_worker(decoder_future, "decoder", log, timer, threads)
-    else:
-        with timer.stage("decoder"):
-            if not log.finished("decoder", out / DEMO_VAE_PATH):
-                log.mark("decoder", stage_decoder(recipe, out / DEMO_VAE_PATH)[1])
+    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads)
     if stop_after == "t2i":
         return False
     if ablations:
