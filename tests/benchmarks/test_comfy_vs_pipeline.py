@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "comfyui"))
 
 from benchmarks import comfy_vs_pipeline as cvp  # noqa: E402
-from harness import ComfyServer, ComfyUINotFound, find_comfyui  # noqa: E402
+from harness import ComfyServer, require_comfyui  # noqa: E402
 
 
 def api_prompt() -> dict:
@@ -52,12 +52,7 @@ def test_workflow_file_is_the_one_compared():
 
 
 def test_both_sides_make_the_same_image(tmp_path: Path):
-    try:
-        comfy_dir = find_comfyui(REPO)
-    except ComfyUINotFound as err:
-        pytest.fail(str(err))
-    if comfy_dir is None:
-        pytest.skip("set COMFYUI_DIR=/path/to/ComfyUI to run the workflow in ComfyUI")
+    comfy_dir = require_comfyui(REPO, "set COMFYUI_DIR=/path/to/ComfyUI to run the workflow in ComfyUI")
     files, _ = cvp.model_files(tmp_path)
     pipe = cvp.UniFusionPipeline.from_files(files["unifusion_vlm"], files["diffusion_models"], files["vae"])
     with ComfyServer(comfy_dir, REPO, tmp_path / "server") as server:

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "comfyui"))
 
-from harness import ComfyUINotFound, find_comfyui, find_python  # noqa: E402
+from harness import find_python, require_comfyui  # noqa: E402
 
 PROBE = textwrap.dedent('''
     import json, sys, torch
@@ -49,12 +49,7 @@ PROBE = textwrap.dedent('''
 
 
 def test_comfy_stack_does_the_same_work_as_our_dit():
-    try:
-        comfy_dir = find_comfyui(REPO)
-    except ComfyUINotFound as err:
-        pytest.fail(str(err))
-    if comfy_dir is None:
-        pytest.skip("set COMFYUI_DIR=/path/to/ComfyUI to build ComfyUI's single-stream blocks")
+    comfy_dir = require_comfyui(REPO, "set COMFYUI_DIR=/path/to/ComfyUI to build ComfyUI's single-stream blocks")
     result = subprocess.run([find_python(comfy_dir), "-c", PROBE, str(REPO), str(comfy_dir)], capture_output=True,
                             text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "comfyui"))
 
 from benchmarks import memory_plan  # noqa: E402
-from harness import ComfyUINotFound, find_comfyui, find_python  # noqa: E402
+from harness import find_python, require_comfyui  # noqa: E402
 from unifusion.config import DiTConfig, LAPConfig, paper_preset, tiny_preset  # noqa: E402
 
 LATENT_TOKENS = 128 * 128 // 4
@@ -107,12 +107,7 @@ PROBE = textwrap.dedent('''
 
 
 def test_comfyui_estimate_equals_replica_and_formula():
-    try:
-        comfy_dir = find_comfyui(REPO)
-    except ComfyUINotFound as err:
-        pytest.fail(str(err))
-    if comfy_dir is None:
-        pytest.skip("set COMFYUI_DIR=/path/to/ComfyUI to compare with ComfyUI's own memory estimate")
+    comfy_dir = require_comfyui(REPO, "set COMFYUI_DIR=/path/to/ComfyUI to compare with ComfyUI's own memory estimate")
     result = subprocess.run([find_python(comfy_dir), "-c", PROBE, str(REPO), str(comfy_dir)], capture_output=True,
                             text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]

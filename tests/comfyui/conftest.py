@@ -11,30 +11,20 @@ from typing import Iterator
 
 import pytest
 
-from harness import SKIP_REASON, ComfyServer, ComfyUINotFound, find_comfyui
+from harness import ComfyServer, require_comfyui
+from tiny_unifusion import TinyFiles, ensure_tiny_files
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _comfy_dir() -> Path | None:
-    try:
-        return find_comfyui(REPO_ROOT)
-    except ComfyUINotFound as err:
-        pytest.fail(str(err), pytrace=False)
-
-
 @pytest.fixture(autouse=True)
 def _require_comfyui() -> None:
-    if _comfy_dir() is None:
-        pytest.skip(SKIP_REASON)
+    require_comfyui(REPO_ROOT)
 
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
-    path = _comfy_dir()
-    if path is None:
-        pytest.skip(SKIP_REASON)
-    return path
+    return require_comfyui(REPO_ROOT)
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +38,15 @@ def comfy_server(comfy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="session")
 def workflows_dir() -> Path:
     return REPO_ROOT / "workflows"
+
+
+@pytest.fixture(scope="session")
+def files(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
+    """The tiny random model, linked into the shared server under the bundled demo names."""
+    return ensure_tiny_files(comfy_server, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(comfy_server: ComfyServer, files: TinyFiles) -> ComfyServer:
+    """The shared server with the tiny model linked in."""
+    return comfy_server

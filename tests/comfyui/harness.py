@@ -80,6 +80,20 @@ def find_comfyui(repo_root: Path) -> Path | None:
     return None
 
 
+def require_comfyui(repo_root: Path, skip_reason: str = SKIP_REASON) -> Path:
+    """ComfyUI's folder for a test: the test fails when $COMFYUI_DIR points at something that is
+    not ComfyUI, and skips with ``skip_reason`` when no ComfyUI is set up."""
+    import pytest  # only tests call this; the rest of the harness is standard library
+
+    try:
+        found = find_comfyui(repo_root)
+    except ComfyUINotFound as err:
+        pytest.fail(str(err), pytrace=False)
+    if found is None:
+        pytest.skip(skip_reason)
+    return found
+
+
 def find_python(comfy_dir: Path) -> str:
     """The interpreter ComfyUI is installed in: $COMFYUI_PYTHON, a venv inside the checkout, or ours."""
     env = os.environ.get("COMFYUI_PYTHON")

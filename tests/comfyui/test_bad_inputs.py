@@ -9,7 +9,6 @@ they are not repeated here. Pickled files and remote code are in test_security.p
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from pathlib import Path
@@ -22,44 +21,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from harness import ComfyServer, PromptFailed, PromptRejected
-from test_nodes import CKPT, VLM, graph, image_of
-from tiny_unifusion import TinyFiles, ensure_tiny_files
+from harness import ComfyServer, PromptRejected
+from test_nodes import CKPT, SEEDS, VLM, fails_then_recovers, graph, image_of, next_prompt_runs
+from tiny_unifusion import TinyFiles
 from ui_workflow import ui_to_api
 
 from unifusion.checkpoint import read_checkpoint_header
 from unifusion.vlm.tiny import build_tiny_vlm
-
-_SEEDS = itertools.count(1000)
-
-
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
-
-
-@pytest.fixture(scope="module")
-def files(server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
-    return ensure_tiny_files(server, tmp_path_factory)
-
-
-def next_prompt_runs(server: ComfyServer) -> None:
-    """A normal prompt with a fresh seed: the sampler really runs and saves a sane image."""
-    assert image_of(server, server.run(graph(seed=next(_SEEDS)))).std() > 2.0
-
-
-def fails_then_recovers(server: ComfyServer, bad: dict, node: str, *fragments: str) -> str:
-    with pytest.raises(PromptFailed) as err:
-        server.run(bad)
-    assert err.value.node_id == node, err.value
-    message = err.value.exception_message
-    for fragment in fragments:
-        assert fragment in message, message
-    assert "Traceback" not in message
-    next_prompt_runs(server)
-    return message
-
 
 def works_then_recovers(server: ComfyServer, prompt: dict) -> dict:
     entry = server.run(prompt)
@@ -216,7 +184,7 @@ def test_prompt_beyond_the_vlm_window_is_cut_with_a_visible_warning(server: Comf
 # -- reference images ----------------------------------------------------------------------------
 
 def reference_graph(images: dict, output: list, max_tiles: int = 2) -> dict:
-    prompt = graph(text="make it blue", seed=next(_SEEDS))
+    prompt = graph(text="make it blue", seed=next(SEEDS))
     prompt.update(images)
     prompt["ref"] = {"class_type": "UniFusionReference", "inputs": {"image": output, "max_tiles": max_tiles}}
     prompt["enc"]["inputs"]["references"] = ["ref", 0]
@@ -270,7 +238,7 @@ def test_odd_reference_images_work(server: ComfyServer, case: str) -> None:
 @pytest.mark.parametrize("width, height", [(72, 64), (68, 60)])
 def test_sizes_off_the_patch_grid_are_padded_and_cropped(server: ComfyServer, width: int, height: int) -> None:
     """72 px is a 9-pixel latent (patch 2); 68x60 is floored to 64x56 by EmptyLatentImage (latent 8x7)."""
-    prompt = graph(seed=next(_SEEDS))
+    prompt = graph(seed=next(SEEDS))
     prompt["latent"]["inputs"].update(width=width, height=height)
     image = image_of(server, works_then_recovers(server, prompt))
     assert image.shape[:2] == (height // 8 * 8, width // 8 * 8)
@@ -282,7 +250,7 @@ def test_non_finite_latent_is_refused_before_sampling(server: ComfyServer, value
     latent[0, 1, 3, 3] = value
     name = f"poisoned_{denoise}.latent"
     save_file({"latent_tensor": latent, "latent_format_version_0": torch.tensor([])}, str(server.input_dir / name))
-    prompt = graph(seed=next(_SEEDS))
+    prompt = graph(seed=next(SEEDS))
     prompt["latent"] = {"class_type": "LoadLatent", "inputs": {"latent": name}}
     prompt["ks"]["inputs"]["denoise"] = denoise
     fails_then_recovers(server, prompt, "ks", "latent_image", "NaN or Inf", "Connect a clean latent")
@@ -306,7 +274,7 @@ def test_workflow_saved_by_an_older_node_version_uses_defaults(server: ComfyServ
 
 
 def test_api_prompt_without_a_required_input_is_rejected_by_name(server: ComfyServer) -> None:
-    prompt = graph(seed=next(_SEEDS))
+    prompt = graph(seed=next(SEEDS))
     del prompt["vlm"]["inputs"]["layers"]
     with pytest.raises(PromptRejected) as err:
         server.queue_prompt(prompt)
@@ -317,7 +285,7 @@ def test_api_prompt_without_a_required_input_is_rejected_by_name(server: ComfySe
 @pytest.mark.parametrize("node, field, value", [("vlm", "dtype", "fp64"), ("model", "weight_dtype", "int4")])
 def test_unknown_option_from_a_hand_made_prompt(server: ComfyServer, node: str, field: str, value: str) -> None:
     """ComfyUI 0.3.64 does not check V3 combo values against their options: the loader does."""
-    prompt = graph(seed=next(_SEEDS))
+    prompt = graph(seed=next(SEEDS))
     prompt[node]["inputs"][field] = value
     fails_then_recovers(server, prompt, node, f"{field} {value!r}" if field == "weight_dtype" else f"{field}: "
                         f"{value!r}", "is not one of")

@@ -29,12 +29,6 @@ RSS_GROWTH_LIMIT = 0.05
 LONG_TEXT = " ".join(["a red circle"] * 700)  # ~2000 tokens: the encode's forward takes a while
 
 
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
-
-
 def rss_mb(server: ComfyServer) -> float:
     """Resident memory of the server process (Linux /proc)."""
     for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():

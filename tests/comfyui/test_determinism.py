@@ -22,12 +22,6 @@ from tiny_unifusion import ensure_tiny_files
 CASES = ("text_to_image", "edit", "verifi_sampled")
 
 
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
-
-
 def workflow(case: str, seed: int, rerun: bool = False) -> dict:
     prompt = graph(text="a red circle and a blue square", seed=seed, prefix=f"det_{case}",
                    layers="all" if rerun else "paper", weight_dtype="fp32" if rerun else "default")

@@ -10,16 +10,9 @@ from __future__ import annotations
 import pytest
 
 from harness import ComfyServer, PromptInterrupted
-from tiny_unifusion import ensure_tiny_files
 
 VLM = "unifusion-demo-vlm"
 WAIT_S = 300.0
-
-
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
 
 
 def verifi_prompt(max_new_tokens: int, text: str) -> dict:

@@ -12,20 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness import ComfyServer
-from test_bad_inputs import fails_then_recovers
-from test_nodes import graph
-from tiny_unifusion import TinyFiles, ensure_tiny_files
-
-
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
-
-
-@pytest.fixture(scope="module")
-def files(server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
-    return ensure_tiny_files(server, tmp_path_factory)
+from test_nodes import fails_then_recovers, graph
+from tiny_unifusion import TinyFiles
 
 
 class _Trap:

@@ -23,12 +23,6 @@ TEST_STEPS = 4
 IMAGE_SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def server(comfy_server: ComfyServer, tmp_path_factory: pytest.TempPathFactory) -> ComfyServer:
-    ensure_tiny_files(comfy_server, tmp_path_factory)
-    return comfy_server
-
-
 def load_prompt(server: ComfyServer, workflows_dir: Path, name: str, **ksampler: object) -> dict:
     workflow = json.loads((workflows_dir / f"{name}.json").read_text(encoding="utf-8"))
     prompt = ui_to_api(workflow, server.object_info())
