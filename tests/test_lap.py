@@ -1,5 +1,6 @@
 """LAP, refiner and conditioner: shapes, gains, padding invariance, references."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -54,6 +55,24 @@ def test_pool_without_blocks_matches_manual_reference():
     w = p.fc.weight.view(8, 3, 8)
     ref = torch.einsum("bslh,olh->bso", y, w) + p.fc.bias
     torch.testing.assert_close(p(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_blocks_are_the_identity():
+    """A fresh LAP with blocks equals the block-free one (a linear map of the stacked layers),
+    and a fresh refiner only projects: training starts from the baselines' simple signal."""
+    cfg = LAPConfig(vlm_hidden_size=8, num_vlm_layers=3, out_dim=8, num_heads=2, num_blocks=2, refiner_heads=2)
+    torch.manual_seed(3)
+    with_blocks = LayerwiseAttentionPooling(cfg)
+    without = LayerwiseAttentionPooling(replace(cfg, num_blocks=0))
+    without.load_state_dict({k: v for k, v in with_blocks.state_dict().items() if not k.startswith("blocks.")})
+    x = features(b=2, s=3, cfg=cfg)
+    torch.testing.assert_close(with_blocks(x), without(x))
+    refiner = ConditionRefiner(cfg)
+    pooled = x[:, :, 0]
+    torch.testing.assert_close(refiner(pooled, torch.ones(2, 3, dtype=torch.bool)), refiner.proj(refiner.norm_out(pooled)))
+    # the zeroed projections still learn: their gradient is not zero
+    with_blocks(x).square().sum().backward()
+    assert all(float(b.attn.proj.weight.grad.abs().sum()) > 0 for b in with_blocks.blocks)
 
 
 def test_pool_is_per_token(pool):

@@ -44,7 +44,13 @@ Gains = Union[Tensor, Sequence[float], None]
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Both branches end in zero-initialised projections, so a fresh block is the identity:
+    a fresh LAP is then a linear map of the stacked layers (what the last-layer and mean
+    baselines are) and learns the cross-layer attention from there, instead of starting
+    from a random mix of the layers that the DiT must first learn to see through.
+    """
 
     def __init__(
         self,
@@ -63,6 +69,9 @@ class TransformerBlock(nn.Module):
                                   attention=attention)
         self.norm2 = operations.LayerNorm(dim, eps=1e-6, dtype=dtype, device=device)
         self.mlp = FeedForward(dim, int(dim * mlp_ratio), dtype=dtype, device=device, operations=operations)
+        for layer in (self.attn.proj, self.mlp.fc2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, freqs: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         x = x + self.attn(self.norm1(x), freqs=freqs, mask=mask)  # (B, N, D)
