@@ -43,8 +43,12 @@ class DemoRecipe:
     lap_heads: int = 4
     refiner_blocks: int = 1
     batch_size: int = 32
-    t2i_steps: int = 1500
-    t2i_lr: float = 8e-4
+    t2i_steps: int = 2400
+    t2i_lr: float = 2e-3
+    # Logit-normal timestep mean: > 0 trains more at high noise, where the layout the prompt
+    # names (colours, positions, count) is decided; at 400 steps 1.0 roughly doubles how much the
+    # loss gains from the condition (0 -> 1.3 measured: gain at t=0.9 0.05 -> 0.15).
+    timestep_logit_mean: float = 1.0
     edit_steps: int = 400
     edit_lr: float = 2e-4
     warmup_steps: int = 100
@@ -53,7 +57,7 @@ class DemoRecipe:
     recon_prob: float = 0.03
     verifi_prob: float = 0.5
     eval_count: int = 48
-    ablation_steps: int = 300  # text-to-image steps of each ablation variant (`train-demo --ablations`)
+    ablation_steps: int = 400  # text-to-image steps of each ablation variant (`train-demo --ablations`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -144,7 +144,8 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout, recon_prob=recipe.recon_prob,
-        verifi_prob=recipe.verifi_prob, stage=stage, save_every=max(steps, 1), keep_last=1,
+        verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean, stage=stage,
+        save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))
     return TrainConfig(**{**options, **overrides})
 

@@ -99,9 +99,9 @@ STAGE_PARAMS = {
             "vae_foreground_weight", "vae_edge_weight", "vae_light"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "cache_batch_size"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
-            "batch_size", "t2i_steps", "t2i_lr", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
+            "batch_size", "t2i_steps", "t2i_lr", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
             "verifi_prob"),
-    "edit": ("edit_steps", "edit_lr"),
+    "edit": ("edit_steps", "edit_lr", "timestep_logit_mean"),
     "decoder": ("decoder_steps", "decoder_lr"),
     "ablation": ("ablation_steps",),
 }
