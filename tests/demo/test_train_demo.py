@@ -15,6 +15,7 @@ from unifusion.bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.checkpoint import read_checkpoint_header
 from unifusion.demo.train_demo import (
     REPORT_NAME,
+    STAGE_PARAMS,
     DemoRecipe,
     build_parser,
     file_digests,
@@ -83,6 +84,13 @@ def test_fingerprints_change_downstream_only():
     assert [s for s in base if base[s] != decoder[s]] == ["decoder"]
     ablation = stage_fingerprints(replace(quick_recipe(), ablation_steps=9))
     assert [s for s in base if base[s] != ablation[s]] == ["ablation"]
+
+
+def test_every_training_option_feeds_a_fingerprint():
+    """A recipe option no stage lists would change the model without redoing any stage."""
+    listed = {name for params in STAGE_PARAMS.values() for name in params}
+    not_training = {"eval_count", "vlm_eval_every"}  # benchmark size; progress logs of the VLM stage
+    assert set(DemoRecipe().to_dict()) - listed == not_training
 
 
 def test_arguments_override_the_recipe():
