@@ -74,6 +74,15 @@ def test_same_seed_same_files_and_reuse(quick_run, tmp_path):
     assert json.loads((out / REPORT_NAME).read_text())["files"] == first
 
 
+def test_eval_only_grid_writes_no_empty_report(quick_run, tmp_path):
+    """`--eval-only --eval-count 0 --grid` redraws the grid and leaves the model folder as it was."""
+    out, _ = quick_run
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["--quick", "--out", str(out), "--eval-only", "--eval-count", "0", "--grid", str(tmp_path / "g.png")]) == 0
+    assert Image.open(tmp_path / "g.png").width > 4 * 128
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_fingerprints_change_downstream_only():
     base = stage_fingerprints(quick_recipe())
     edit = stage_fingerprints(replace(quick_recipe(), edit_steps=9))

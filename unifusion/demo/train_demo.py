@@ -293,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     if args.eval_only:
         metrics = stage_eval(recipe.eval_count, args.out, args.grid, args.work)
-        (args.out / EVAL_NAME).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+        if metrics:  # `--eval-count 0 --grid` only draws: nothing to report next to the model files
+            (args.out / EVAL_NAME).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
         return 0
     train_demo(args.out, recipe, work=args.work, evaluate=not args.no_eval, reuse=not args.redo, jobs=args.jobs,
                grid=args.grid, stop_after=args.stop_after, ablations=args.ablations)
