@@ -69,7 +69,8 @@ def test_fresh_blocks_are_the_identity():
     torch.testing.assert_close(with_blocks(x), without(x))
     refiner = ConditionRefiner(cfg)
     pooled = x[:, :, 0]
-    torch.testing.assert_close(refiner(pooled, torch.ones(2, 3, dtype=torch.bool)), refiner.proj(refiner.norm_out(pooled)))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    torch.testing.assert_close(refiner(pooled, mask), refiner.proj(refiner.norm_out(pooled)))
     # the zeroed projections still learn: their gradient is not zero
     with_blocks(x).square().sum().backward()
     assert all(float(b.attn.proj.weight.grad.abs().sum()) > 0 for b in with_blocks.blocks)

@@ -78,8 +78,9 @@ def test_eval_only_grid_writes_no_empty_report(quick_run, tmp_path):
     """`--eval-only --eval-count 0 --grid` redraws the grid and leaves the model folder as it was."""
     out, _ = quick_run
     before = sorted(p.name for p in out.iterdir())
-    assert main(["--quick", "--out", str(out), "--eval-only", "--eval-count", "0", "--grid", str(tmp_path / "g.png")]) == 0
-    assert Image.open(tmp_path / "g.png").width > 4 * 128
+    grid = tmp_path / "g.png"
+    assert main(["--quick", "--out", str(out), "--eval-only", "--eval-count", "0", "--grid", str(grid)]) == 0
+    assert Image.open(grid).width > 4 * 128
     assert sorted(p.name for p in out.iterdir()) == before
 
 
