@@ -22,7 +22,7 @@ class DemoRecipe:
     vlm_eval_count: int = 200
     vlm_eval_every: int = 600  # progress evaluations while the VLM trains (they do not change it)
     vae_images: int = 2048
-    vae_steps: int = 4000
+    vae_steps: int = 3600  # about as long as the VLM beside it: the two share the first stage
     vae_batch_size: int = 16
     vae_crop: Optional[int] = 32
     vae_lr: float = 1e-3
@@ -42,6 +42,10 @@ class DemoRecipe:
     time_embed_dim: int = 128
     lap_heads: int = 4
     refiner_blocks: int = 1
+    # Image tokens learn where they are only by RoPE against the condition tokens; at theta 10,000
+    # an 8x8 grid turns 2 of 6 frequency pairs per axis by more than 0.3 rad. At 1,200 steps, theta
+    # 100 drew a red shape at the named cell 56% of the time against 36% (9 cells x 4 seeds).
+    dit_rope_theta: float = 100.0
     batch_size: int = 32
     t2i_steps: int = 2400
     t2i_lr: float = 2e-3
@@ -79,4 +83,4 @@ def dit_config(recipe: DemoRecipe) -> DiTConfig:
     head_dim = recipe.dit_width // recipe.dit_heads
     return DiTConfig(in_channels=recipe.vae_latent_channels, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
                      num_heads=recipe.dit_heads, time_embed_dim=recipe.time_embed_dim,
-                     rope_axes=rope_axes_for(head_dim))
+                     rope_axes=rope_axes_for(head_dim), rope_theta=recipe.dit_rope_theta)

@@ -71,7 +71,7 @@ class VLMTrainConfig:
 
     num_layers: int = 12  # every 3rd layer from 4: layers 4, 7, 10 feed LAP
     hidden_size: int = 64
-    steps: int = 1800
+    steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
