@@ -110,3 +110,13 @@ def test_arguments_override_the_recipe():
     assert recipe.dit_width == DemoRecipe().dit_width
     quick = recipe_from_args(build_parser().parse_args(["--quick"]))
     assert quick.t2i_steps < DemoRecipe().t2i_steps and torch.get_num_threads() >= 1
+
+
+def test_shipped_files_are_those_the_recorded_run_wrote():
+    """The bundled report is the `train-demo` run that made the shipped files: same recipe as the
+    defaults, same content digests (a swapped or hand-edited file breaks this)."""
+    from unifusion.bundled import ASSETS_DIR
+
+    report = json.loads((ASSETS_DIR / REPORT_NAME).read_text(encoding="utf-8"))
+    assert report["recipe"] == json.loads(json.dumps(DemoRecipe().to_dict()))
+    assert file_digests(ASSETS_DIR) == report["files"]
