@@ -7,7 +7,7 @@ from torch import nn
 
 from unifusion.attention import sdpa_attention
 from unifusion.config import DiTConfig
-from unifusion.dit import UniFusionDiT, timestep_embedding
+from unifusion.dit import UniFusionDiT, grid_position_embedding, timestep_embedding
 from unifusion.errors import InputError
 
 CFG = DiTConfig(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, time_embed_dim=16,
@@ -161,3 +161,23 @@ def test_timestep_embedding_reference():
 def test_bad_inputs_raise(model, args, match):
     with pytest.raises(InputError, match=match):
         model(*args)
+
+
+def test_grid_position_embedding_tells_every_token_apart():
+    emb = grid_position_embedding(6, 8, 32, theta=100.0)
+    assert emb.shape == (48, 32)
+    distances = torch.cdist(emb, emb) + torch.eye(48) * 1e3
+    assert float(distances.min()) > 0.05
+    # row-major like the tokens: token (r, c) shares its column half with token (r + 1, c)
+    assert torch.equal(emb[3, 16:], emb[3 + 8, 16:]) and not torch.equal(emb[3, :16], emb[3 + 8, :16])
+
+
+def test_absolute_position_adds_no_parameters_and_changes_the_output(model):
+    from dataclasses import replace
+
+    with_grid = UniFusionDiT(replace(CFG, absolute_position=True)).eval()
+    assert with_grid.state_dict().keys() == model.state_dict().keys()
+    with_grid.load_state_dict(model.state_dict())
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        assert not torch.allclose(with_grid(x, t, ctx), model(x, t, ctx), atol=1e-4)

@@ -110,6 +110,10 @@ class DiTConfig:
     time_embed_dim: int = 256  # width of the timestep embedding feeding adaLN
     rope_axes: tuple[int, int, int] = (16, 24, 24)  # (condition index, latent row, latent column); sums to head dim
     rope_theta: float = 10000.0
+    # Add a fixed 2-D sin/cos embedding of (row, column) to the latent tokens. RoPE alone tells a
+    # latent token only where it is relative to other tokens; on a small grid whose objects sit at
+    # fixed places this lets each token know its place outright (parameter-free, any resolution).
+    absolute_position: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes", tuple(int(a) for a in self.rope_axes))

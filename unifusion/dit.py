@@ -45,6 +45,19 @@ def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: floa
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
+def grid_position_embedding(height: int, width: int, dim: int, theta: float, device=None) -> Tensor:
+    """(H*W, dim) sin/cos of each token's (row, column), half the channels per axis, frequencies
+    from 1 down to 1/theta (row-major like the token order)."""
+    quarter = dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1))  # (dim/4,)
+    rows = torch.arange(height, device=device, dtype=torch.float32)[:, None] * freqs  # (H, dim/4)
+    cols = torch.arange(width, device=device, dtype=torch.float32)[:, None] * freqs  # (W, dim/4)
+    row_part = torch.cat([rows.sin(), rows.cos()], dim=-1)[:, None].expand(height, width, 2 * quarter)
+    col_part = torch.cat([cols.sin(), cols.cos()], dim=-1)[None].expand(height, width, 2 * quarter)
+    emb = torch.cat([row_part, col_part], dim=-1).reshape(height * width, 4 * quarter)  # (H*W, 4*(dim/4))
+    return F.pad(emb, (0, dim - 4 * quarter))  # (H*W, dim)
+
+
 def pad_to_patch_size(x: Tensor, patch_size: int) -> Tensor:
     """Pad H and W up to multiples of ``patch_size`` (circular, like comfy.ldm.common_dit)."""
     pad_h = (-x.shape[-2]) % patch_size
@@ -173,6 +186,8 @@ class UniFusionDiT(nn.Module):
         h, w = xp.shape[-2] // p, xp.shape[-1] // p
         tokens = xp.view(b, c_in, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c_in * p * p)
         img = self.x_embedder(tokens)  # (B, N, D)
+        if self.cfg.absolute_position:
+            img = img + grid_position_embedding(h, w, img.shape[-1], self.cfg.rope_theta, img.device).to(img.dtype)
 
         context, context_mask = self._check_context(context, context_mask, img)
         s = context.shape[1]

@@ -176,3 +176,24 @@ def test_release_export_and_edit_stage_from_it(cache, model_config, tmp_path: Pa
     other = model_config_for_cache(cache, tiny_dit(depth=3), lap_heads=2, refiner_blocks=1)
     with pytest.raises(TrainConfigError, match=r"another model config than this run \(dit\.depth: 2 vs 3"):
         Trainer(other, cache, edit_cfg, tmp_path / "y", progress=False)
+
+
+def test_condition_lr_scale_moves_lap_slower_and_zero_freezes_it(cache, model_config, tmp_path: Path) -> None:
+    def lap_and_dit_change(scale: float) -> tuple[float, float]:
+        cfg = replace(BASE, steps=3, grad_accum=1, save_every=100, condition_lr_scale=scale)
+        trainer = Trainer(model_config, cache, cfg, tmp_path / str(scale), progress=False)
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train()
+        after = trainer.model.state_dict()
+        change = {part: sum(float((after[k] - before[k]).abs().sum()) for k in before if k.startswith(part))
+                  for part in ("lap.", "dit.")}
+        assert [g["lr_scale"] for g in trainer.optimizer.param_groups] == [scale, 1.0]
+        return change["lap."], change["dit."]
+
+    full_lap, full_dit = lap_and_dit_change(1.0)
+    tenth_lap, tenth_dit = lap_and_dit_change(0.1)
+    frozen_lap, frozen_dit = lap_and_dit_change(0.0)
+    assert frozen_lap == 0.0 < tenth_lap < 0.5 * full_lap
+    assert min(full_dit, tenth_dit, frozen_dit) > 0
+    with pytest.raises(TrainConfigError, match="condition_lr_scale"):
+        TrainConfig(condition_lr_scale=-1.0)

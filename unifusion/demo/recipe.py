@@ -46,9 +46,20 @@ class DemoRecipe:
     # an 8x8 grid turns 2 of 6 frequency pairs per axis by more than 0.3 rad. At 1,200 steps, theta
     # 100 drew a red shape at the named cell 56% of the time against 36% (9 cells x 4 seeds).
     dit_rope_theta: float = 100.0
+    # A fixed sin/cos of (row, column) on the latent tokens as well (DiTConfig.absolute_position): the
+    # shapes sit at fixed places of the 8x8 grid, so a token can know outright which part of which
+    # cell it draws. At 800 steps (with condition_lr_scale 0.1) the loss gained from the prompt's
+    # place words at t=0.8 went 0.13 -> 0.25; 24 held-out prompts: colour 73 -> 82%, position 82 -> 76%.
+    dit_absolute_position: bool = True
     batch_size: int = 32
     t2i_steps: int = 2400
     t2i_lr: float = 2e-3
+    # LR of LAP + refiner relative to t2i_lr, text-to-image stage only. At full LR the LAP blocks
+    # learn to squeeze out what the DiT does not use yet (a swapped shape word changed the
+    # condition by 0.05 against 0.17 in the VLM layers). At 0.1, 800 steps reached position 82%,
+    # count 58% on 24 held-out prompts, against 23% and 17% for the 400-step ablation at full LR
+    # and 68% and 71% for the 2,400-step model.
+    condition_lr_scale: float = 0.1
     # Logit-normal timestep mean: > 0 trains more at high noise, where the layout the prompt
     # names (colours, positions, count) is decided. At 400 steps and lr 2e-3, a mean of 0.8 doubled
     # the loss gained from the condition at t=0.9 (0.050 -> 0.103); 1.3 gained more but fit low t worse.
@@ -83,4 +94,5 @@ def dit_config(recipe: DemoRecipe) -> DiTConfig:
     head_dim = recipe.dit_width // recipe.dit_heads
     return DiTConfig(in_channels=recipe.vae_latent_channels, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
                      num_heads=recipe.dit_heads, time_embed_dim=recipe.time_embed_dim,
-                     rope_axes=rope_axes_for(head_dim), rope_theta=recipe.dit_rope_theta)
+                     rope_axes=rope_axes_for(head_dim), rope_theta=recipe.dit_rope_theta,
+                     absolute_position=recipe.dit_absolute_position)

@@ -142,6 +142,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
     steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps)
     options: dict[str, Any] = dict(
         steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
+        condition_lr_scale=recipe.condition_lr_scale if stage == "t2i" else 1.0,
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout, recon_prob=recipe.recon_prob,
         verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean, stage=stage,

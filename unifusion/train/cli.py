@@ -81,7 +81,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", type=Path, help="write the release (or LoRA) file here when training ends")
     g = p.add_argument_group("recipe")
     for name, typ, default in (("steps", int, 1000), ("batch-size", int, 32), ("grad-accum", int, 1),
-                               ("lr", float, 3e-4), ("weight-decay", float, 0.0), ("warmup", int, 100),
+                               ("lr", float, 3e-4), ("condition-lr-scale", float, 1.0), ("weight-decay", float, 0.0), ("warmup", int, 100),
                                ("max-grad-norm", float, 1.0), ("ema-decay", float, 0.999), ("seed", int, 0),
                                ("cond-dropout", float, 0.1), ("recon-prob", float, 0.03),
                                ("verifi-prob", float, 0.0), ("shift", float, None), ("save-every", int, 500),
@@ -147,7 +147,8 @@ def _recipe(args: argparse.Namespace, lora: Any = None) -> Any:
 
     return TrainConfig(
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+        condition_lr_scale=args.condition_lr_scale, weight_decay=args.weight_decay, warmup_steps=args.warmup,
+        schedule=args.schedule,
         max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
         ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
         cond_dropout=args.cond_dropout, recon_prob=args.recon_prob, verifi_prob=args.verifi_prob,

@@ -52,6 +52,9 @@ class TrainConfig:
     batch_size: int = 32  # per process and micro-batch
     grad_accum: int = 1
     lr: float = 3e-4
+    # LR of the condition path (LAP + refiner) relative to ``lr``. Below 1 it keeps LAP close to
+    # its init while the DiT learns to read it (see DemoRecipe.condition_lr_scale).
+    condition_lr_scale: float = 1.0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -90,6 +93,8 @@ class TrainConfig:
                 raise TrainConfigError(f"TrainConfig.{name} is a probability in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainConfigError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if self.condition_lr_scale < 0:
+            raise TrainConfigError(f"condition_lr_scale must be >= 0 (0 freezes LAP), got {self.condition_lr_scale}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise TrainConfigError(f"lr must be > 0 and warmup_steps >= 0, got {self.lr} and {self.warmup_steps}")
         for name, allowed in (("stage", STAGES), ("schedule", SCHEDULES), ("mixed_precision", PRECISIONS)):

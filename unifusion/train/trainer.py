@@ -60,6 +60,17 @@ class TrainingModel(nn.Module):
         return self.dit(x, timesteps, context, mask)  # (B, C, H, W)
 
 
+def parameter_groups(module: TrainingModel, config: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in two optimizer groups: the condition path (``lap.*``, LR scaled by
+    ``config.condition_lr_scale``) and the rest; empty groups are left out."""
+    groups = {"lap": [], "dit": []}
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            groups["lap" if name.startswith("lap.") else "dit"].append(param)
+    scale = {"lap": config.condition_lr_scale, "dit": 1.0}
+    return [{"params": params, "lr_scale": scale[key]} for key, params in groups.items() if params]
+
+
 @dataclass
 class StepInfo:
     """Passed to callbacks after every optimizer step."""
@@ -122,8 +133,7 @@ class Trainer:
         self.model.dit.gradient_checkpointing = config.gradient_checkpointing
         module = TrainingModel(self.model)
         self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        params = [p for n, p in module.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+        optimizer = torch.optim.AdamW(parameter_groups(module, config), lr=config.lr, betas=config.betas, eps=config.eps,
                                       weight_decay=config.weight_decay)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         named = dict(self.accelerator.unwrap_model(self.module).named_parameters())
@@ -260,7 +270,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         lr = learning_rate(cfg, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         total, recon = 0.0, 0
         for micro in range(cfg.grad_accum):
             sync = micro == cfg.grad_accum - 1
