@@ -1,6 +1,6 @@
 """The demo recipe: sizes and step counts of every `train-demo` stage.
 
-The defaults train the shipped model (79 minutes on 2 CPU cores with `--jobs 2`, timed in one run);
+The defaults train the shipped model (66 minutes on 2 CPU cores with `--jobs 2`, timed in one run);
 `quick_recipe` runs every stage in minutes without learning anything, for tests.
 """
 
