@@ -126,6 +126,13 @@ def test_resume_refuses_other_configs(cache, model_config, tmp_path: Path) -> No
     assert longer.step == 2
     with pytest.raises(TrainStateError, match="not a training state"):
         longer.resume(tmp_path)
+    # a state from before LAP had its own optimizer group (one group, no lr_scale)
+    saved = json.loads((state / "optimizer.json").read_text())
+    merged = dict(saved["param_groups"][0], params=sum((g["params"] for g in saved["param_groups"]), []))
+    merged.pop("lr_scale")
+    (state / "optimizer.json").write_text(json.dumps(dict(saved, param_groups=[merged])))
+    with pytest.raises(TrainStateError, match="older version"):
+        Trainer(model_config, cache, BASE, tmp_path, progress=False).resume(state)
 
 
 def test_options_the_cache_cannot_serve(cache, model_config, tmp_path: Path) -> None:

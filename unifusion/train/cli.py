@@ -81,7 +81,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", type=Path, help="write the release (or LoRA) file here when training ends")
     g = p.add_argument_group("recipe")
     for name, typ, default in (("steps", int, 1000), ("batch-size", int, 32), ("grad-accum", int, 1),
-                               ("lr", float, 3e-4), ("condition-lr-scale", float, 1.0), ("weight-decay", float, 0.0), ("warmup", int, 100),
+                               ("lr", float, 3e-4), ("condition-lr-scale", float, 1.0), ("weight-decay", float, 0.0),
+                               ("warmup", int, 100),
                                ("max-grad-norm", float, 1.0), ("ema-decay", float, 0.999), ("seed", int, 0),
                                ("cond-dropout", float, 0.1), ("recon-prob", float, 0.03),
                                ("verifi-prob", float, 0.0), ("shift", float, None), ("save-every", int, 500),

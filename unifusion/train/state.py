@@ -220,6 +220,9 @@ def load_state(
         ema.load_state_dict({n: p.detach() for n, p in ema.params.items()}, meta.get("ema_updates", 0))
     set_model_state_dict(model, weights, options=_set_options(accelerator))
     extra = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    if [g.get("lr_scale") for g in extra["param_groups"]] != [g["lr_scale"] for g in optimizer.param_groups]:
+        raise TrainStateError(f"{folder} holds optimizer state for other parameter groups (saved by an older version, "
+                              "before LAP had its own learning rate); resume it with that version or start a new run")
     osd = _unflatten_optimizer(_load(folder / "optimizer.safetensors"), extra)
     set_optimizer_state_dict(model, optimizer, osd, options=_set_options(accelerator))
     _set_rng_state(_load(folder / "rng.safetensors"))

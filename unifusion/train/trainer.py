@@ -133,8 +133,8 @@ class Trainer:
         self.model.dit.gradient_checkpointing = config.gradient_checkpointing
         module = TrainingModel(self.model)
         self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.AdamW(parameter_groups(module, config), lr=config.lr, betas=config.betas, eps=config.eps,
-                                      weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(parameter_groups(module, config), lr=config.lr, betas=config.betas,
+                                      eps=config.eps, weight_decay=config.weight_decay)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         named = dict(self.accelerator.unwrap_model(self.module).named_parameters())
         self.ema = EMA({n: named[n] for n in sorted(self.trainable)}, config.ema_decay, config.ema_warmup) \
