@@ -103,6 +103,14 @@ def test_every_training_option_feeds_a_fingerprint():
     assert set(DemoRecipe().to_dict()) - listed == not_training
 
 
+def test_edit_finetune_mixes_in_text_to_image_samples():
+    from unifusion.demo.stages import _recipe_config
+
+    assert _recipe_config(DemoRecipe(), "edit").stage == "mixed"
+    assert _recipe_config(replace(DemoRecipe(), edit_mix_t2i=False), "edit").stage == "edit"
+    assert _recipe_config(DemoRecipe(), "t2i").stage == "t2i"
+
+
 def test_arguments_override_the_recipe():
     args = build_parser().parse_args(["--t2i-steps", "7", "--vlm-steps", "5", "--seed", "2"])
     recipe = recipe_from_args(args)

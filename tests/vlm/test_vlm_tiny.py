@@ -61,8 +61,21 @@ def test_custom_vocab_round_trips():
     assert tokenizer.unk_token_id not in ids
 
 
+@pytest.mark.parametrize("family", sorted(ARCH))
+def test_vision_tower_size_is_configurable(tmp_path, family):
+    """The demo VLM widens its vision tower to tell shapes apart; every family takes the sizes."""
+    folder = build_tiny_vlm(tmp_path, family, num_layers=2, hidden_size=32, vision_hidden_size=48, vision_layers=3)
+    vision = json.loads((folder / "config.json").read_text())["vision_config"]
+    width = vision["hidden_size"]
+    depth = vision.get("num_hidden_layers", vision.get("depth"))
+    assert (width, depth, vision["intermediate_size"]) == (48, 3, 96)
+    AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(TinyVLMError, match="unknown tiny VLM family"):
         build_tiny_vlm(tmp_path, "llava")
     with pytest.raises(TinyVLMError, match="hidden_size"):
         build_tiny_vlm(tmp_path, "internvl", hidden_size=40)
+    with pytest.raises(TinyVLMError, match="vision_hidden_size"):
+        build_tiny_vlm(tmp_path, "internvl", vision_hidden_size=40)

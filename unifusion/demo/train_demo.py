@@ -101,7 +101,7 @@ STAGE_PARAMS = {
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
             "dit_rope_theta", "dit_absolute_position", "batch_size", "t2i_steps", "t2i_lr", "condition_lr_scale",
             "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob", "verifi_prob"),
-    "edit": ("edit_steps", "edit_lr", "timestep_logit_mean"),
+    "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "timestep_logit_mean"),
     "decoder": ("decoder_steps", "decoder_lr"),
     "ablation": ("ablation_steps",),
 }

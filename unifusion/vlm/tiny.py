@@ -114,6 +114,8 @@ class _Sizes:
     num_layers: int
     hidden_size: int
     image_size: int
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
 
     @property
     def heads(self) -> int:
@@ -135,6 +137,10 @@ class _Sizes:
         h = (half - t) // 2
         return [t, h, half - t - h]
 
+    @property
+    def vision_heads(self) -> int:
+        return max(1, self.vision_hidden_size // 16)
+
 
 def _internvl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig
@@ -148,8 +154,8 @@ def _internvl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
     )
     patch = s.image_size // 8  # 8x8 patches per tile -> 16 tokens after the 0.5 pixel shuffle
     vision = InternVLVisionConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=s.image_size, patch_size=patch,
+        hidden_size=s.vision_hidden_size, num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+        intermediate_size=2 * s.vision_hidden_size, image_size=s.image_size, patch_size=patch,
     )
     config = InternVLConfig(
         vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=16,
@@ -177,9 +183,10 @@ def _qwen2_5_vl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]
 
     text = _qwen_text(s, ids)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": s.mrope_section}
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=s.hidden_size,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                  fullatt_block_indexes=[1])
+    vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden_size, intermediate_size=2 * s.vision_hidden_size,
+                  num_heads=s.vision_heads, out_hidden_size=s.hidden_size, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56,
+                  fullatt_block_indexes=[s.vision_layers - 1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(ids))
     return config, Qwen2_5_VLForConditionalGeneration
 
@@ -191,8 +198,9 @@ def _qwen3_vl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
     text["head_dim"] = s.head_dim
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": s.mrope_section,
                                "mrope_interleaved": True}
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=s.hidden_size,
-                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+    vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden_size, intermediate_size=2 * s.vision_hidden_size,
+                  num_heads=s.vision_heads, out_hidden_size=s.hidden_size, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
     config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(ids))
     return config, Qwen3VLForConditionalGeneration
@@ -296,6 +304,8 @@ def build_tiny_vlm(
     num_layers: int = 8,
     hidden_size: int = 64,
     image_size: int = 448,
+    vision_hidden_size: int = 32,
+    vision_layers: int = 2,
 ) -> Path:
     """Save a tiny random `family` VLM (config, safetensors, tokenizer, image processor,
     chat template) to `folder` and return it. `image_size` is InternVL's tile size; the Qwen
@@ -307,11 +317,15 @@ def build_tiny_vlm(
         raise TinyVLMError(f"num_layers must be >= 1, got {num_layers}")
     if image_size % 8:
         raise TinyVLMError(f"image_size must be a multiple of 8 (8x8 patches per tile), got {image_size}")
+    if vision_hidden_size % 16 or vision_hidden_size < 32 or vision_layers < 1:
+        raise TinyVLMError(f"vision_hidden_size must be a multiple of 16 and >= 32, vision_layers >= 1; got "
+                           f"{vision_hidden_size} and {vision_layers}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family, vocab)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
-    sizes = _Sizes(vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size, image_size=image_size)
+    sizes = _Sizes(vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size, image_size=image_size,
+                   vision_hidden_size=vision_hidden_size, vision_layers=vision_layers)
     config, model_class = spec.build(sizes, ids)
     torch.manual_seed(seed)
     model = model_class(config).eval()
