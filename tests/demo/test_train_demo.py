@@ -15,10 +15,12 @@ from unifusion.bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.checkpoint import read_checkpoint_header
 from unifusion.demo.train_demo import (
     REPORT_NAME,
+    REPRODUCIBILITY_PACKAGES,
     STAGE_PARAMS,
     DemoRecipe,
     build_parser,
     file_digests,
+    library_versions,
     main,
     quick_recipe,
     recipe_from_args,
@@ -44,6 +46,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     assert all(s["wall_s"] >= 0 for s in report["stages"].values())
     benchmark = report["metrics"]["benchmark"]
     assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
+    assert report["libraries"] == library_versions()
     assert {"ablation: deepest selected layer only", "ablation: mean of the selected layers",
             "t2i before the edit finetune", "reconstruction, 4 tiles + thumbnail"} <= set(benchmark)
     for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
@@ -101,6 +104,15 @@ def test_every_training_option_feeds_a_fingerprint():
     listed = {name for params in STAGE_PARAMS.values() for name in params}
     not_training = {"eval_count", "vlm_eval_every"}  # benchmark size; progress logs of the VLM stage
     assert set(DemoRecipe().to_dict()) - listed == not_training
+
+
+def test_library_versions_name_what_a_rerun_must_match():
+    import transformers
+
+    versions = library_versions()
+    assert set(versions) == {"python", *REPRODUCIBILITY_PACKAGES, "cpu_capability"}
+    assert versions["transformers"] == transformers.__version__
+    assert versions["torch"] == torch.__version__
 
 
 def test_edit_finetune_mixes_in_text_to_image_samples():

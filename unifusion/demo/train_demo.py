@@ -10,13 +10,14 @@ Stages (`stages`), each logged with its wall and CPU time:
    (`unifusion.train.build_cache`);
 4. ``t2i``   DiT + LAP text to image with condition dropout, ~3% reconstruction batches and
    Verifi features (`unifusion.train.train`), exported with its EMA weights;
-5. ``edit``  finetune on single-reference edits only, exported as the release checkpoint
-   (``extra["sampling_shift"]`` set by the exporter);
+5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
+   (``edit_mix_t2i``), exported as the release checkpoint (``extra["sampling_shift"]`` set by
+   the exporter);
 6. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
-``train_demo_report.json`` (recipe, metrics, timings). Everything is seeded: with the same
-``--threads`` a re-run writes the same tensors (file bytes may differ only in the order of
+``train_demo_report.json`` (recipe, library versions, metrics, timings). Everything is seeded:
+with the same ``--threads`` and library versions a re-run writes the same tensors (file bytes may differ only in the order of
 safetensors metadata, so digests are taken over the content). With a kept ``--work``
 folder, stages whose settings and inputs did not change are reused.
 """
@@ -91,6 +92,28 @@ def file_digests(out: Path) -> dict[str, str]:
     """Content digests of every shipped model file (the report is left out: it holds timings)."""
     files = [out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH] + sorted((out / DEMO_VLM).glob("*"))
     return {str(p.relative_to(out)): content_digest(p) for p in files if p.is_file()}
+
+
+# What a re-run must match to write the same tensors: seeds fix the data and the initial weights,
+# but the float kernels that train them come from these packages and the CPU's vector unit. (The
+# same code, seed and thread count on another machine with transformers 5.24 instead of 5.23 trained
+# the demo VLM to other weights; 20 steps of it on one machine match across the two releases.)
+REPRODUCIBILITY_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy", "pillow")
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and each `REPRODUCIBILITY_PACKAGES` version ("not installed" where absent), and the
+    vector instruction set torch's CPU kernels use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return {"python": sys.version.split()[0], **{name: installed(name) for name in REPRODUCIBILITY_PACKAGES},
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 STAGE_PARAMS = {
@@ -244,7 +267,8 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
     the autoencoder in a second process beside the VLM."""
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": torch.get_num_threads(), "metrics": {}}
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": torch.get_num_threads(),
+                              "libraries": library_versions(), "metrics": {}}
     with contextlib.ExitStack() as stack:
         if work is None:
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unifusion-train-demo-")))
