@@ -96,8 +96,8 @@ def file_digests(out: Path) -> dict[str, str]:
 
 # What a re-run must match to write the same tensors: seeds fix the data and the initial weights,
 # but the float kernels that train them come from these packages and the CPU's vector unit. (The
-# same code, seed and thread count on another machine with transformers 5.24 instead of 5.23 trained
-# the demo VLM to other weights; 20 steps of it on one machine match across the two releases.)
+# same code, seed and thread count on another machine, a week apart, trained the demo VLM and the
+# autoencoder to other weights; 20 VLM steps on one machine match across transformers 5.23 and 5.24.)
 REPRODUCIBILITY_PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "safetensors", "numpy", "pillow")
 
 
