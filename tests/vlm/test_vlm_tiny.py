@@ -63,7 +63,7 @@ def test_custom_vocab_round_trips():
 
 @pytest.mark.parametrize("family", sorted(ARCH))
 def test_vision_tower_size_is_configurable(tmp_path, family):
-    """The demo VLM widens its vision tower to tell shapes apart; every family takes the sizes."""
+    """Every family takes a vision-tower width and depth (the demo tried wider towers for shapes)."""
     folder = build_tiny_vlm(tmp_path, family, num_layers=2, hidden_size=32, vision_hidden_size=48, vision_layers=3)
     vision = json.loads((folder / "config.json").read_text())["vision_config"]
     width = vision["hidden_size"]

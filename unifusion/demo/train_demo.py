@@ -17,8 +17,9 @@ Stages (`stages`), each logged with its wall and CPU time:
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
 ``train_demo_report.json`` (recipe, library versions, metrics, timings). Everything is seeded:
-with the same ``--threads`` and library versions a re-run writes the same tensors (file bytes may differ only in the order of
-safetensors metadata, so digests are taken over the content). With a kept ``--work``
+with the same ``--threads``, library versions and CPU a re-run writes the same tensors (file
+bytes may differ only in the order of safetensors metadata, so digests are taken over the
+content). With a kept ``--work``
 folder, stages whose settings and inputs did not change are reused.
 """
 

@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
@@ -141,6 +141,13 @@ class _Sizes:
     def vision_heads(self) -> int:
         return max(1, self.vision_hidden_size // 16)
 
+    @property
+    def qwen_vision(self) -> dict[str, Any]:
+        """The vision-tower sizes both Qwen families spell the same way."""
+        return dict(depth=self.vision_layers, hidden_size=self.vision_hidden_size,
+                    intermediate_size=2 * self.vision_hidden_size, num_heads=self.vision_heads,
+                    out_hidden_size=self.hidden_size, spatial_merge_size=2, temporal_patch_size=2)
+
 
 def _internvl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, LlamaConfig
@@ -183,10 +190,7 @@ def _qwen2_5_vl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]
 
     text = _qwen_text(s, ids)
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": s.mrope_section}
-    vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden_size, intermediate_size=2 * s.vision_hidden_size,
-                  num_heads=s.vision_heads, out_hidden_size=s.hidden_size, patch_size=14, spatial_merge_size=2,
-                  temporal_patch_size=2, window_size=56,
-                  fullatt_block_indexes=[s.vision_layers - 1])
+    vision = dict(s.qwen_vision, patch_size=14, window_size=56, fullatt_block_indexes=[s.vision_layers - 1])
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(ids))
     return config, Qwen2_5_VLForConditionalGeneration
 
@@ -198,10 +202,7 @@ def _qwen3_vl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
     text["head_dim"] = s.head_dim
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": s.mrope_section,
                                "mrope_interleaved": True}
-    vision = dict(depth=s.vision_layers, hidden_size=s.vision_hidden_size, intermediate_size=2 * s.vision_hidden_size,
-                  num_heads=s.vision_heads, out_hidden_size=s.hidden_size, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=64,
-                  deepstack_visual_indexes=[0])
+    vision = dict(s.qwen_vision, patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
     config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(ids))
     return config, Qwen3VLForConditionalGeneration
 
