@@ -73,11 +73,17 @@ def add_noise(x0: Tensor, noise: Tensor, t: Union[Tensor, float]) -> Tensor:
     return (1 - t) * x0 + t * noise
 
 
-def flow_matching_loss(velocity_fn: VelocityFn, x0: Tensor, noise: Tensor, t: Tensor, **cond: Any) -> Tensor:
-    """MSE between the predicted velocity at x_t and noise - x0: mean per sample, then over the batch."""
+def flow_matching_loss(velocity_fn: VelocityFn, x0: Tensor, noise: Tensor, t: Tensor,
+                       metric: Optional[Tensor] = None, **cond: Any) -> Tensor:
+    """MSE between the predicted velocity at x_t and noise - x0: mean per sample, then over the batch.
+    ``metric`` (C, C), when given, maps each token's channel error first (see
+    `unifusion.train.latent_metric`)."""
     xt = add_noise(x0, noise, t)
     v = velocity_fn(xt, t, **cond)
-    err = (v.float() - (noise - x0).float()).square()
+    err = v.float() - (noise - x0).float()
+    if metric is not None:
+        err = torch.einsum("dc,bc...->bd...", metric.to(err), err)
+    err = err.square()
     return err.reshape(err.shape[0], -1).mean(dim=1).mean()
 
 

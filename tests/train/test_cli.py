@@ -13,6 +13,7 @@ from unifusion.demo.grammar import sample_edits, sample_t2i
 from unifusion.demo.world import render
 from unifusion.train.cache import FeatureCache
 from unifusion.train.cli import main, rope_axes_for
+from unifusion.train.state import latest_state, read_meta
 
 
 @pytest.fixture()
@@ -52,8 +53,9 @@ def test_cache_train_export_lora(tiny_vlm, tiny_vae, data, tmp_path: Path, capsy
     model = ["--width", "32", "--heads", "2", "--depth", "1", "--time-embed-dim", "16", "--lap-heads", "2"]
     release = tmp_path / "release.safetensors"
     code = main(["train", "--cache", str(cache), "--out", str(run), *recipe, *model, "--stage", "mixed",
-                 "--export", str(release)])
+                 "--loss-whitening", "0.5", "--export", str(release)])
     assert code == 0 and capsys.readouterr().out.strip() == str(release)
+    assert read_meta(latest_state(run))["train_config"]["loss_whitening"] == 0.5
     head = read_checkpoint_header(release)
     assert head.config.dit.hidden_size == 32 and head.config.vlm.selected_layers == (3, 6)
     assert head.config.extra["trained_steps"] == 2 and "sampling_shift" in head.config.extra

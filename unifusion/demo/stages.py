@@ -146,6 +146,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout, recon_prob=recipe.recon_prob,
         verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean,
+        loss_whitening=recipe.loss_whitening,
         stage="mixed" if stage == "edit" and recipe.edit_mix_t2i else stage,
         save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))

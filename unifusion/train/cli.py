@@ -88,6 +88,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                                ("verifi-prob", float, 0.0), ("shift", float, None), ("save-every", int, 500),
                                ("keep-last", int, 2), ("log-every", int, 10)):
         g.add_argument(f"--{name}", type=typ, default=default)
+    g.add_argument("--loss-whitening", type=float, default=0.0,
+                   help="0: plain MSE on the latents; p in (0, 1]: MSE after whitening the latent channels to "
+                        "Cov^-p (fine shape detail lives in their low-variance directions)")
     g.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     g.add_argument("--stage", default="t2i", choices=["t2i", "edit", "mixed"])
     g.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
@@ -153,7 +156,7 @@ def _recipe(args: argparse.Namespace, lora: Any = None) -> Any:
         max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
         ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
         cond_dropout=args.cond_dropout, recon_prob=args.recon_prob, verifi_prob=args.verifi_prob,
-        timestep_shift=args.shift, stage=args.stage, init_from=str(args.init_from) if args.init_from else None,
+        loss_whitening=args.loss_whitening, timestep_shift=args.shift, stage=args.stage, init_from=str(args.init_from) if args.init_from else None,
         gradient_checkpointing=args.grad_ckpt, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, lora=lora,
     )

@@ -72,6 +72,9 @@ class TrainConfig:
     timestep_shift: Optional[float] = None  # None: resolution_shift of the latent token count
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # 0: plain MSE on the latents. p > 0: MSE after whitening their channels to Cov^-p, estimated
+    # from the cache (`latent_metric`), so the low-variance directions that carry fine shape count.
+    loss_whitening: float = 0.0
     stage: str = "t2i"  # t2i samples, edit samples, or both
     init_from: Optional[str] = None  # release checkpoint to start from (e.g. the T2I model for editing)
     gradient_checkpointing: bool = False
@@ -101,6 +104,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise TrainConfigError(f"TrainConfig.{name} must be one of {list(allowed)}, "
                                        f"got {getattr(self, name)!r}")
+        if not 0.0 <= self.loss_whitening <= 1.0:
+            raise TrainConfigError(f"loss_whitening is a power in [0, 1] (0 = plain MSE), got {self.loss_whitening}")
         if self.timestep_shift is not None and self.timestep_shift <= 0:
             raise TrainConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
 

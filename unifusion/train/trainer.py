@@ -36,6 +36,7 @@ from ..flow import flow_matching_loss, resolution_shift
 from ..model import UniFusionModel
 from .cache import FeatureCache, collate
 from .ema import EMA
+from .latent_metric import metric_sample, whitening_matrix
 from .errors import CacheError, TrainConfigError, TrainStateError
 from .lora import add_lora
 from .recipe import TrainConfig, derived_seed, learning_rate, micro_generator, plan_micro_batch, sample_indices
@@ -144,6 +145,7 @@ class Trainer:
         c, h, w = cache.latent_shape
         p = model_config.dit.patch_size
         self.shift = config.timestep_shift or resolution_shift(((h + p - 1) // p) * ((w + p - 1) // p))
+        self.metric = self._loss_metric()
         self._stop_requested = False
 
     # --- setup -------------------------------------------------------------------------
@@ -177,6 +179,14 @@ class Trainer:
             )
         self.model.load_state_dict(state, strict=True)
         return f"{Path(self.config.init_from).name}:{head.path.stat().st_size}"
+
+    def _loss_metric(self) -> Optional[Tensor]:
+        """The channel whitening of ``loss_whitening`` from a fixed sample of the pool's latents
+        (None for plain MSE); the same sample on every run and resume."""
+        if not self.config.loss_whitening:
+            return None
+        latents = torch.stack([self.cache.get(i, ()).latent for i in metric_sample(self.pool)])
+        return whitening_matrix(latents, self.config.loss_whitening).to(self.accelerator.device)
 
     # --- state -------------------------------------------------------------------------
 
@@ -263,7 +273,7 @@ class Trainer:
         noise = torch.randn(batch.latents.shape, generator=noise_gen).to(acc.device, param.dtype)
         loss = flow_matching_loss(lambda x, t, **kw: self.module(x, t.to(x.dtype), **kw), batch.latents, noise,
                                   plan.timesteps.to(acc.device), features=batch.features, mask=batch.mask,
-                                  drop=plan.drop.to(acc.device))
+                                  drop=plan.drop.to(acc.device), metric=self.metric)
         return loss, plan.recon
 
     def _optimizer_step(self) -> StepInfo:
