@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -64,7 +65,7 @@ def word_swap_gains(pipe: Any, scenes: int = 12, draws: int = 16, times: Sequenc
         swapped = {}
         for attribute in attributes:
             other = rng.choice([v for v in ATTRIBUTES[attribute] if v != getattr(shape, attribute)])
-            changed = Shape(**{**shape.__dict__, attribute: other})
+            changed = replace(shape, **{attribute: other})
             swapped[attribute] = pipe.encode(shape_phrase(changed), verifi=verifi, seed=k)
         for t in times:
             base = _loss(pipe, true, x0, noise, t)

@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` samples per process.
 Each micro-batch follows the paper's recipe (see `recipe`): rectified-flow loss with
-logit-normal, resolution-shifted timesteps; condition dropout to the null (all-zero)
+logit-normal, resolution-shifted timesteps (measured in whitened latent channels when
+``loss_whitening`` is set, see `latent_metric`); condition dropout to the null (all-zero)
 condition with the mask kept, for classifier-free guidance; a small share of
 reconstruction batches conditioned on the VLM's encoding of the target image; Verifi
 features with a probability. The same code runs single-process on CPU and under
