@@ -25,7 +25,7 @@ def test_the_shipped_dit_reads_the_colour_word(pipe: UniFusionPipeline) -> None:
 
 def test_a_dit_that_ignores_its_condition_gains_nothing(pipe: UniFusionPipeline, monkeypatch) -> None:
     dit = pipe.model.dit
-    blind = lambda x, t, context, mask: dit(x, t, torch.zeros_like(context), mask)  # noqa: E731
+    blind = lambda x, t, context, context_mask: dit(x, t, torch.zeros_like(context), context_mask)  # noqa: E731
     monkeypatch.setattr(pipe.model, "forward", blind)
     gains = word_swap_gains(pipe, scenes=2, draws=2, times=(0.5, 0.9), attributes=("colour", "kind"))
     assert all(g == pytest.approx(0.0, abs=1e-9) for row in gains.values() for g in row.values())
@@ -36,3 +36,10 @@ def test_bad_arguments_are_refused(pipe: UniFusionPipeline) -> None:
         word_swap_gains(pipe, attributes=("texture",))
     with pytest.raises(ValueError, match="draws must be >= 1"):
         word_swap_gains(pipe, draws=0)
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
+    from unifusion.demo.word_probe import main
+
+    assert main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

@@ -58,14 +58,19 @@ def evaluate_compositions(pipe: Any, count: int, seed: int = SPLIT_SEEDS["test"]
     return {"success": float(np.mean(success))}
 
 
+def scene_pixels(scenes: Sequence[Scene]) -> torch.Tensor:
+    """Rendered scenes as the autoencoder takes them: (N, 3, H, W) float32 in [0, 1]."""
+    arrays = np.stack([np.asarray(render(s), dtype=np.float32) / 255.0 for s in scenes])  # (N, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+
+
 def evaluate_vae(vae: Any, count: int, seed: int = SPLIT_SEEDS["test"]) -> dict[str, float]:
     """Share of held-out scenes the scorer reads back exactly from the autoencoder's reconstruction."""
     import random
 
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(count)]
-    pixels = torch.stack([torch.from_numpy(np.asarray(render(s), dtype=np.float32) / 255.0).permute(2, 0, 1)
-                          for s in scenes])  # (N, 3, 64, 64)
+    pixels = scene_pixels(scenes)  # (N, 3, 64, 64)
     with torch.no_grad():
         recon = torch.cat([vae.decode(vae.encode(pixels[i:i + 32])) for i in range(0, count, 32)])
     exact = [float(read_scene(r) == s) for r, s in zip(recon, scenes)]

@@ -13,13 +13,13 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from ..bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .batch_verifi import verifi_rewrite_batch
+from .evaluate import scene_pixels
 from .grammar import sample_edits, sample_t2i
 from .recipe import DemoRecipe, dit_config
 from .vlm_training import evaluate_rewrites, train_demo_vlm
@@ -41,11 +41,6 @@ def stage_vlm(recipe: DemoRecipe, folder: Path) -> tuple[Any, dict[str, float]]:
     metrics = evaluate_rewrites(vlm, recipe.vlm_eval_count) if recipe.vlm_eval_count else {}
     logger.info("vlm metrics: %s", json.dumps(metrics))
     return vlm, metrics
-
-
-def _pixels(scenes: Sequence[Any]) -> torch.Tensor:
-    arrays = np.stack([np.asarray(render(s), dtype=np.float32) / 255.0 for s in scenes])  # (N, H, W, 3)
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
 
 
 def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:
@@ -71,7 +66,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
 def _vae_images(recipe: DemoRecipe) -> torch.Tensor:
     """The autoencoder's training scenes (a quarter of them count scenes), seeded by the recipe."""
     rng = random.Random(recipe.seed)
-    return _pixels([random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)])
+    return scene_pixels([random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)])
 
 
 def stage_decoder(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:

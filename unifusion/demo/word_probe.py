@@ -19,31 +19,30 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .grammar import shape_phrase
-from .world import COLOURS, KINDS, SIZES, Scene, Shape, render
+from .evaluate import scene_pixels
+from .world import COLOURS, KINDS, SIZES, Scene, Shape
 
 ATTRIBUTES = {"colour": COLOURS, "kind": KINDS, "size": SIZES}
 TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def _latent(pipe: Any, scene: Scene) -> torch.Tensor:
-    pixels = torch.from_numpy(np.asarray(render(scene), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     with torch.no_grad():
-        return pipe.vae.encode(pixels)  # (1, C, h, w)
+        return pipe.vae.encode(scene_pixels([scene]))  # (1, C, h, w)
 
 
 def _loss(pipe: Any, condition: Any, x0: torch.Tensor, noise: torch.Tensor, t: float) -> float:
-    from ..flow import add_noise
+    """The flow loss of ``x0`` (1, C, h, w) at time ``t`` over the ``noise`` draws (N, C, h, w)."""
+    from ..flow import flow_matching_loss
 
     n = noise.shape[0]
-    times = torch.full((n,), t)
     with torch.no_grad():
-        v = pipe.model(add_noise(x0.expand(n, -1, -1, -1), noise, times), times,
-                       condition.tokens.expand(n, -1, -1), condition.mask.expand(n, -1))
-    return float((v - (noise - x0)).square().mean())
+        return float(flow_matching_loss(pipe.model, x0.expand(n, -1, -1, -1), noise, torch.full((n,), t),
+                                        context=condition.tokens.expand(n, -1, -1),
+                                        context_mask=condition.mask.expand(n, -1)))
 
 
 def word_swap_gains(pipe: Any, scenes: int = 12, draws: int = 16, times: Sequence[float] = TIMES,
@@ -96,11 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--draws", type=int, default=16, help="noise draws per scene and noise level")
     p.add_argument("--verifi", action="store_true", help="condition through the Verifi rewrite of each caption")
     args = p.parse_args(argv)
-    pipe = UniFusionPipeline.from_files(args.assets / DEMO_VLM, args.checkpoint, args.assets / DEMO_VAE_PATH)
-    try:
+    try:  # UniFusionError (a missing or mismatched file) and bad counts are ValueErrors
+        pipe = UniFusionPipeline.from_files(args.assets / DEMO_VLM, args.checkpoint, args.assets / DEMO_VAE_PATH)
         gains = word_swap_gains(pipe, args.scenes, args.draws, verifi=args.verifi)
     except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     sys.stdout.write(format_gains(gains) + "\n")
     return 0
 
