@@ -16,7 +16,6 @@ import argparse
 import random
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -83,26 +82,18 @@ def format_gains(gains: dict[str, dict[float, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
-    from ..pipeline import UniFusionPipeline
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scenes", type=int, default=12)
+    parser.add_argument("--draws", type=int, default=16, help="noise draws per scene and noise level")
+    parser.add_argument("--verifi", action="store_true", help="condition through the Verifi rewrite of each caption")
 
-    p = argparse.ArgumentParser(prog="python -m unifusion.demo.word_probe", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, default=ASSETS_DIR / DEMO_CHECKPOINT,
-                   help="UniFusion checkpoint to probe (default: the bundled demo model)")
-    p.add_argument("--assets", type=Path, default=ASSETS_DIR, help="folder with the demo VLM and autoencoder")
-    p.add_argument("--scenes", type=int, default=12)
-    p.add_argument("--draws", type=int, default=16, help="noise draws per scene and noise level")
-    p.add_argument("--verifi", action="store_true", help="condition through the Verifi rewrite of each caption")
-    args = p.parse_args(argv)
-    try:  # UniFusionError (a missing or mismatched file) and bad counts are ValueErrors
-        pipe = UniFusionPipeline.from_files(args.assets / DEMO_VLM, args.checkpoint, args.assets / DEMO_VAE_PATH)
-        gains = word_swap_gains(pipe, args.scenes, args.draws, verifi=args.verifi)
-    except ValueError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
-    sys.stdout.write(format_gains(gains) + "\n")
-    return 0
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .probe_cli import run_probe
+
+    return run_probe("python -m unifusion.demo.word_probe", __doc__.splitlines()[0], _add_arguments,
+                     lambda pipe, args: format_gains(word_swap_gains(pipe, args.scenes, args.draws, verifi=args.verifi)),
+                     argv)
 
 
 if __name__ == "__main__":
