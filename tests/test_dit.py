@@ -181,3 +181,36 @@ def test_absolute_position_adds_no_parameters_and_changes_the_output(model):
     x, t, ctx = inputs()
     with torch.no_grad():
         assert not torch.allclose(with_grid(x, t, ctx), model(x, t, ctx), atol=1e-4)
+
+
+def test_an_x0_predicting_dit_returns_the_velocity_to_its_guess(model):
+    from dataclasses import replace
+
+    from unifusion.dit import X0_MIN_T
+
+    guesser = UniFusionDiT(replace(CFG, predict_x0=True)).eval()
+    assert guesser.state_dict().keys() == model.state_dict().keys()  # the same file layout
+    guesser.load_state_dict(model.state_dict())
+    x, _, ctx = inputs()
+    t = torch.tensor([0.7, 0.01])  # the second is floored at X0_MIN_T
+    with torch.no_grad():
+        head = model(x, t, ctx)  # the same weights read as a velocity model: the head's raw output
+        v = guesser(x, t, ctx)
+    torch.testing.assert_close(v[0], (x[0] - head[0]) / 0.7)
+    torch.testing.assert_close(v[1], (x[1] - head[1]) / X0_MIN_T)
+    # the Euler step to t = 0 lands on the guess
+    torch.testing.assert_close(x[0] - 0.7 * v[0], head[0], atol=1e-5, rtol=0)
+
+
+def test_predict_x0_survives_the_checkpoint_config_and_defaults_off_for_older_files():
+    import json
+    from dataclasses import asdict, replace
+
+    from unifusion.config import UniFusionConfig, VLMIdentity, make_config
+
+    config = make_config(VLMIdentity("InternVLForConditionalGeneration", 12, 64, (4, 7, 10)), replace(CFG, predict_x0=True))
+    assert UniFusionConfig.from_json(config.to_json()).dit.predict_x0 is True
+    raw = json.loads(config.to_json())
+    del raw["dit"]["predict_x0"]  # a checkpoint written before the option existed
+    assert UniFusionConfig.from_json(json.dumps(raw)).dit.predict_x0 is False
+    assert "predict_x0" in asdict(CFG)

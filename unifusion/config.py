@@ -114,6 +114,12 @@ class DiTConfig:
     # latent token only where it is relative to other tokens; on a small grid whose objects sit at
     # fixed places this lets each token know its place outright (parameter-free, any resolution).
     absolute_position: bool = False
+    # The network's head guesses the clean latent x0 and the forward returns the velocity
+    # (x_t - x0) / t from it, so samplers (ours and ComfyUI's) and the flow loss stay as they are.
+    # A latent that lies on a thin manifold (a few discrete scenes) is easier to guess than the
+    # noise-dominated velocity, whose x0 part is a small share at high noise. t is floored at
+    # X0_MIN_T in that division.
+    predict_x0: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes", tuple(int(a) for a in self.rope_axes))

@@ -35,6 +35,9 @@ from .errors import InputError
 
 TIMESTEP_FREQ_DIM = 256  # width of the sinusoidal timestep features (as in DiT)
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
+# Floor of t in the velocity (x_t - x0) / t of an x0-predicting DiT (DiTConfig.predict_x0): near
+# t = 0 the division would blow small x0 errors up.
+X0_MIN_T = 0.05
 
 
 def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
@@ -214,7 +217,10 @@ class UniFusionDiT(nn.Module):
 
         out = self.final_layer(seq[:, s:], cond)  # (B, N, p*p*C)
         out = out.view(b, h, w, c_in, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c_in, h * p, w * p)
-        return out[:, :, :height, :width]  # (B, C, H, W)
+        out = out[:, :, :height, :width]  # (B, C, H, W)
+        if self.cfg.predict_x0:  # the head guessed x0: the velocity that takes x_t there
+            return (x - out) / t.clamp_min(X0_MIN_T).to(out.dtype).view(b, 1, 1, 1)
+        return out
 
     def _check_context(
         self, context: Optional[Tensor], mask: Optional[Tensor], img: Tensor

@@ -51,6 +51,8 @@ class DemoRecipe:
     # cell it draws. At 800 steps (with condition_lr_scale 0.1) the loss gained from the prompt's
     # place words at t=0.8 went 0.13 -> 0.25; 24 held-out prompts: colour 73 -> 82%, position 82 -> 76%.
     dit_absolute_position: bool = True
+    # DiTConfig.predict_x0: the head guesses the clean latent, the forward returns the velocity.
+    dit_predict_x0: bool = False
     batch_size: int = 32
     t2i_steps: int = 2400
     t2i_lr: float = 2e-3
@@ -107,4 +109,4 @@ def dit_config(recipe: DemoRecipe) -> DiTConfig:
     return DiTConfig(in_channels=recipe.vae_latent_channels, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
                      num_heads=recipe.dit_heads, time_embed_dim=recipe.time_embed_dim,
                      rope_axes=rope_axes_for(head_dim), rope_theta=recipe.dit_rope_theta,
-                     absolute_position=recipe.dit_absolute_position)
+                     absolute_position=recipe.dit_absolute_position, predict_x0=recipe.dit_predict_x0)

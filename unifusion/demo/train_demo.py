@@ -123,7 +123,7 @@ STAGE_PARAMS = {
             "vae_foreground_weight", "vae_edge_weight", "vae_light"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "cache_batch_size"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
-            "dit_rope_theta", "dit_absolute_position", "batch_size", "t2i_steps", "t2i_lr", "condition_lr_scale",
+            "dit_rope_theta", "dit_absolute_position", "dit_predict_x0", "batch_size", "t2i_steps", "t2i_lr", "condition_lr_scale",
             "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob", "verifi_prob",
             "loss_whitening"),
     "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "timestep_logit_mean"),
