@@ -6,18 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.demo.denoise_probe import format_scores, main, one_step_scores
 from unifusion.demo.evaluate import scene_pixels
 from unifusion.demo.grammar import sample_t2i
 from unifusion.demo.scorer import mean_scores, score_scene
 from unifusion.demo.world import SPLIT_SEEDS
-from unifusion.pipeline import UniFusionPipeline
-
-
-@pytest.fixture(scope="module")
-def pipe() -> UniFusionPipeline:
-    return UniFusionPipeline.from_files(ASSETS_DIR / DEMO_VLM, ASSETS_DIR / DEMO_CHECKPOINT, ASSETS_DIR / DEMO_VAE_PATH)
 
 
 def test_a_perfect_velocity_scores_the_autoencoders_reading_at_every_level(pipe, monkeypatch) -> None:

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.demo.word_probe import format_gains, word_swap_gains
 from unifusion.pipeline import UniFusionPipeline
-
-
-@pytest.fixture(scope="module")
-def pipe() -> UniFusionPipeline:
-    return UniFusionPipeline.from_files(ASSETS_DIR / DEMO_VLM, ASSETS_DIR / DEMO_CHECKPOINT, ASSETS_DIR / DEMO_VAE_PATH)
 
 
 def test_the_shipped_dit_reads_the_colour_word(pipe: UniFusionPipeline) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..flow import add_noise
 from .evaluate import scene_pixels
 from .grammar import sample_t2i
 from .scorer import mean_scores, score_scene
@@ -42,7 +43,7 @@ def one_step_scores(pipe: Any, count: int = 48, times: Sequence[float] = TIMES, 
         condition = pipe.encode(sample.caption, verifi=verifi, seed=i)
         noise = torch.randn(x0[i:i + 1].shape, generator=torch.Generator().manual_seed(i))
         for t in times:
-            xt = (1 - t) * x0[i:i + 1] + t * noise
+            xt = add_noise(x0[i:i + 1], noise, t)
             with torch.no_grad():
                 v = pipe.model(xt, torch.tensor([t]), condition.tokens, condition.mask)
                 image = pipe.vae.decode((xt - t * v).float())[0]
