@@ -20,7 +20,8 @@ from unifusion.train.datasets import open_image
 from unifusion.train.errors import CacheError
 from unifusion.vlm.encode import encode
 from unifusion.vlm.loader import LoadedVLM
-from unifusion.vlm.verifi import verifi_rewrite
+from unifusion.vlm.verifi import forced_rewrite, verifi_rewrite
+from dataclasses import replace
 
 
 
@@ -157,3 +158,32 @@ def test_verifi_batch_function_gets_whole_batches(cache: FeatureCache, records, 
         ours, theirs = built.get(i, ("verifi",)), cache.get(4 + i, ("verifi",))
         assert ours.info.verifi_text == theirs.info.verifi_text
         torch.testing.assert_close(ours.features["verifi"], theirs.features["verifi"], rtol=1e-4, atol=1e-4)
+
+
+def test_records_with_a_rewrite_get_it_forced(cache: FeatureCache, records, tiny_vlm, tiny_vae,
+                                              tmp_path: Path) -> None:
+    """A record's own rewrite is forced as the Verifi answer; the others are still written by the VLM
+    with their own seeds, and the rewrite is part of the dataset fingerprint."""
+    calls = []
+
+    def batched(vlm, texts, image_lists, **kwargs):
+        calls.append(kwargs["seeds"])
+        return cache_build.rewrite_each(vlm, texts, image_lists, **kwargs)
+
+    answers = {1: "one shape: a large red circle in the center.", 7: "two shapes: a small blue square in the top left."}
+    subset = [replace(r, rewrite=answers.get(i)) for i, r in enumerate(records[:8])]
+    built = build_cache(subset, tiny_vlm, tiny_vae, tmp_path, feature_dtype="float32", verifi=True, recon=False,
+                        verifi_max_new_tokens=VERIFI_TOKENS, batch_size=4, seed=10, verifi_batch=batched)
+    assert calls == [[10, 12, 13], [14, 15, 16]]
+    for i, record in enumerate(subset):
+        ours = built.get(i, ("verifi",))
+        if record.rewrite is None:
+            theirs = cache.get(i, ("verifi",))
+            assert ours.info.verifi_text == theirs.info.verifi_text
+            torch.testing.assert_close(ours.features["verifi"], theirs.features["verifi"], rtol=1e-4, atol=1e-4)
+            continue
+        sources = [open_image(s) for s in record.sources]
+        forced = forced_rewrite(tiny_vlm, record.text, record.rewrite, sources, max_new_tokens=VERIFI_TOKENS)
+        assert ours.info.verifi_text == forced.text and forced.generated_token_count == VERIFI_TOKENS
+        torch.testing.assert_close(ours.features["verifi"], _kept(forced.features), rtol=1e-4, atol=1e-4)
+    assert built.dataset_fingerprint != cache_build._dataset_fingerprint(records[:8])

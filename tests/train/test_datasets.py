@@ -125,11 +125,33 @@ def test_in_memory_samples() -> None:
         t2i_from_samples([(image, ""), ("path.png", "x"), (image,)], name="world")
     msg = str(info.value)
     assert "world[0]: 'caption' is empty" in msg and "world[1]: the image must be a PIL image" in msg
-    assert "world[2]: expected an (image, caption) pair" in msg
+    assert "world[2]: expected an (image, caption[, rewrite]) tuple" in msg
     edits = edit_from_samples([(image, "make it red", image), ([image, image], "combine", image)])
     assert len(edits[0].sources) == 1 and len(edits[1].sources) == 2
     with pytest.raises(DatasetError, match=r"samples\[0\]: sources must be one or more PIL images"):
         edit_from_samples([([], "x", image)])
+
+
+def test_rewrites_are_optional_and_checked(tmp_path: Path) -> None:
+    """A row may carry the Verifi answer to force; when it does, it must be text."""
+    _png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "caption": "a circle", "rewrite": "one shape: a large red circle in the center."},
+            {"image": "a.png", "caption": "a square"}]
+    with_rewrite, without = load_t2i_jsonl(_jsonl(tmp_path / "t.jsonl", rows))
+    assert with_rewrite.rewrite == "one shape: a large red circle in the center." and without.rewrite is None
+    edit = {"sources": ["a.png"], "instruction": "make it blue", "target": "a.png", "rewrite": "a blue circle"}
+    assert load_edit_jsonl(_jsonl(tmp_path / "e.jsonl", [edit]))[0].rewrite == "a blue circle"
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"image": "a.png", "caption": "x", "rewrite": ""},
+                                          {"image": "a.png", "caption": "x", "rewrite": 3}])
+    with pytest.raises(DatasetError) as info:
+        load_t2i_jsonl(bad)
+    assert f"{bad}:1: 'rewrite' is empty" in str(info.value) and f"{bad}:2: 'rewrite' must be a string" in str(info.value)
+    image = Image.new("RGB", (8, 8))
+    (t2i,) = t2i_from_samples([(image, "a cat", "one cat, sitting")])
+    (moved,) = edit_from_samples([(image, "move it", image, "the cat on the left")])
+    assert (t2i.rewrite, moved.rewrite) == ("one cat, sitting", "the cat on the left")
+    with pytest.raises(DatasetError, match=r"samples\[0\]: 'rewrite' is empty"):
+        t2i_from_samples([(image, "a cat", " ")])
 
 
 def test_fit_captions_truncates_at_token_boundary(tiny_vlm, caplog: pytest.LogCaptureFixture) -> None:

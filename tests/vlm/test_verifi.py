@@ -14,7 +14,7 @@ from unifusion.errors import InputError
 from unifusion.vlm.layers import LayerCapture
 from unifusion.vlm.loader import load_vlm
 from unifusion.vlm.prompt import build_prompt
-from unifusion.vlm.verifi import DEFAULT_SYSTEM_PROMPT, eos_token_ids, kept_count, verifi_rewrite
+from unifusion.vlm.verifi import DEFAULT_SYSTEM_PROMPT, eos_token_ids, forced_rewrite, kept_count, verifi_rewrite
 
 N = 6
 
@@ -189,3 +189,31 @@ def test_inputs(vlms, picture):
     assert result.features.is_image.any() and not result.features.is_instruction.any()
     no_system = verifi_rewrite(vlm, "a cat", system_prompt="", max_new_tokens=2)  # "" sends no system prompt
     assert not no_system.features.is_system.any() and no_system.features.is_instruction.any()
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_forced_rewrite_matches_generated(vlms, family, picture, with_image):
+    """Forcing the text a greedy pass wrote gives that pass's features: same ids, same states."""
+    vlm = vlms[family]
+    images = [picture] if with_image else []
+    written = verifi_rewrite(vlm, "a red circle", images=images, max_new_tokens=N, max_tiles=2, min_new_tokens=N)
+    answer = vlm.tokenizer.decode(written.token_ids.tolist(), skip_special_tokens=False)
+    forced = forced_rewrite(vlm, "a red circle", answer, images=images, max_tiles=2)
+    assert torch.equal(forced.token_ids, written.token_ids) and forced.finished
+    assert forced.generated_token_count == N and forced.text == written.text
+    torch.testing.assert_close(forced.features.features, written.features.features, atol=1e-5, rtol=0)
+    prompt = build_prompt(vlm, images + ["a red circle"], system_prompt=DEFAULT_SYSTEM_PROMPT, max_tiles=2)
+    check_keep(forced.features, prompt)
+    cut = forced_rewrite(vlm, "a red circle", answer, images=images, max_tiles=2, max_new_tokens=N - 2)
+    assert torch.equal(cut.token_ids, written.token_ids[: N - 2]) and not cut.finished
+    torch.testing.assert_close(cut.features.features, written.features.features[:, :-2], atol=1e-5, rtol=0)
+
+
+def test_forced_rewrite_inputs(vlms):
+    vlm = vlms["qwen2_5_vl"]
+    with pytest.raises(InputError, match="empty answer"):
+        forced_rewrite(vlm, "a cat", "")
+    with pytest.raises(InputError, match="empty prompt"):
+        forced_rewrite(vlm, " ", "a cat on a mat")
+    with pytest.raises(InputError, match="no room"):
+        forced_rewrite(vlm, "a cat", " ".join(["cat"] * (vlm.max_length + 8)))

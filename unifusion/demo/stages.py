@@ -107,9 +107,11 @@ def demo_records(recipe: DemoRecipe) -> list[Any]:
 
     t2i = sample_t2i(recipe.t2i_samples, recipe.seed, split="train")
     edits = sample_edits(recipe.edit_samples, recipe.seed + 1, split="train")
-    return (t2i_from_samples([(render(s.scene), s.caption) for s in t2i], name="demo_t2i")
-            + edit_from_samples([([render(e.source)], e.instruction, render(e.target)) for e in edits],
-                                name="demo_edit"))
+    true = recipe.verifi_true_rewrites  # each sample's detailed scene as its Verifi answer
+    return (t2i_from_samples([(render(s.scene), s.caption) + ((s.detailed,) if true else ()) for s in t2i],
+                             name="demo_t2i")
+            + edit_from_samples([([render(e.source)], e.instruction, render(e.target)) + ((e.detailed,) if true else ())
+                                 for e in edits], name="demo_edit"))
 
 
 def stage_cache(recipe: DemoRecipe, vlm: Any, vae: Any, folder: Path) -> Any:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..vlm.encode import encode
-from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, verifi_rewrite
+from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, forced_rewrite, verifi_rewrite
 from .cache import (
     FEATURE_DTYPES,
     FORMAT_NAME,
@@ -78,7 +78,7 @@ def _resolution(records: Sequence[Record], resolution: Any, downscale: int) -> t
 
 
 def _dataset_fingerprint(records: Sequence[Record]) -> str:
-    rows = [[r.kind, r.origin, r.text] for r in records]
+    rows = [[r.kind, r.origin, r.text] + ([r.rewrite] if r.rewrite is not None else []) for r in records]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
@@ -120,12 +120,26 @@ class _Encoder:
         self.dtype = FEATURE_DTYPES[key.feature_dtype]
 
     def _verifi(self, records: Sequence[Record], first_index: int) -> list[Any]:
-        results = list(self.verifi_batch(
-            self.vlm, [r.text for r in records], [[open_image(s, r.origin) for s in r.sources] for r in records],
-            system_prompt=self.key.verifi_system_prompt, max_new_tokens=self.key.verifi_max_new_tokens,
-            max_tiles=self.key.max_tiles, seeds=[self.seed + first_index + i for i in range(len(records))]))
-        if len(results) != len(records):
-            raise CacheError(f"the Verifi batch function returned {len(results)} results for {len(records)} prompts")
+        """Verifi results in record order: a record's own ``rewrite`` forced as the answer, the
+        others written by the VLM (``verifi_batch``)."""
+        images = [[open_image(s, r.origin) for s in r.sources] for r in records]
+        written = [i for i, r in enumerate(records) if r.rewrite is None]
+        results: list[Any] = [None] * len(records)
+        if written:
+            batch = list(self.verifi_batch(
+                self.vlm, [records[i].text for i in written], [images[i] for i in written],
+                system_prompt=self.key.verifi_system_prompt, max_new_tokens=self.key.verifi_max_new_tokens,
+                max_tiles=self.key.max_tiles, seeds=[self.seed + first_index + i for i in written]))
+            if len(batch) != len(written):
+                raise CacheError(f"the Verifi batch function returned {len(batch)} results for {len(written)} prompts")
+            for i, result in zip(written, batch):
+                results[i] = result
+        for i, record in enumerate(records):
+            if record.rewrite is not None:
+                results[i] = forced_rewrite(self.vlm, record.text, record.rewrite, images[i],
+                                            system_prompt=self.key.verifi_system_prompt,
+                                            max_tiles=self.key.max_tiles,
+                                            max_new_tokens=self.key.verifi_max_new_tokens)
         return results
 
     def _rows(self, features: Any) -> list[Tensor]:
@@ -244,7 +258,8 @@ def build_cache(
     rewrites are greedy, under ``verifi_system_prompt`` (default: the library's Verifi
     prompt), ``batch_size`` prompts per `VerifiBatch` call (``verifi_batch``, default
     `rewrite_each`; a batched ``generate`` is much faster); sample ``i`` gets seed ``seed + i``.
-    ``progress(done, total)`` runs after each shard. A shard is held in memory until written:
+    A record with its own ``rewrite`` gets that text forced as the answer instead (one forward,
+    cut at ``verifi_max_new_tokens``). ``progress(done, total)`` runs after each shard. A shard is held in memory until written:
     ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for paper-scale
     bf16 features with images) must fit in RAM.
     """

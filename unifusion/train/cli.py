@@ -34,7 +34,8 @@ def rope_axes_for(head_dim: int) -> tuple[int, int, int]:
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, action="append", required=True,
-                   help="dataset: folder of images + .txt captions, or .jsonl (T2I or editing); repeatable")
+                   help="dataset: folder of images + .txt captions, or .jsonl (T2I or editing; a row's optional "
+                        "\"rewrite\" is forced as its Verifi answer); repeatable")
     p.add_argument("--vlm", type=Path, required=True, help="transformers VLM folder")
     p.add_argument("--vae", type=Path, required=True, help="autoencoder .safetensors (TAESD layout)")
     p.add_argument("--out", type=Path, required=True, help="cache folder")

@@ -8,6 +8,11 @@ Sources:
 * in-memory samples: ``(PIL image, caption)`` or ``(source images, instruction, target image)``,
   so a synthetic world can feed the cache without writing files.
 
+Any row may add ``"rewrite"`` (in memory: a last item): a description of the target image that
+the cache forces as the VLM's Verifi answer (`unifusion.vlm.verifi.forced_rewrite`) instead of
+letting the VLM write one. A rewrite the VLM writes from a short caption invents the details the
+caption leaves out, and those rarely match the image; a dense caption of the image does.
+
 Relative paths in a JSONL file are relative to the file's folder. Every problem found
 while loading (bad JSON, missing keys, wrong types, empty text, missing or unreadable
 images) is collected and raised as one `DatasetError` that names the file, the row
@@ -46,6 +51,7 @@ class T2IRecord:
     image: ImageRef
     caption: str
     origin: str
+    rewrite: str | None = None  # the Verifi answer to force, if the data has one
     kind = "t2i"
 
     @property
@@ -72,6 +78,7 @@ class EditRecord:
     instruction: str
     target: ImageRef
     origin: str
+    rewrite: str | None = None  # the Verifi answer to force, if the data has one
     kind = "edit"
 
     @property
@@ -140,6 +147,11 @@ def _text(row: dict, key: str, where: str, problems: _Problems) -> str | None:
     return value.strip()
 
 
+def _optional_rewrite(row: dict, where: str, problems: _Problems) -> str | None:
+    """The row's ``rewrite`` if it has one (then it must be non-empty text)."""
+    return _text(row, "rewrite", where, problems) if "rewrite" in row else None
+
+
 def _path(row: dict, key: str, base: Path, where: str, problems: _Problems) -> Path | None:
     if key not in row:
         problems.add(f"{where}: missing key {key!r}; every row needs an image path there")
@@ -185,8 +197,9 @@ def load_t2i_jsonl(path: str | Path) -> list[T2IRecord]:
         where = f"{path}:{number}"
         caption = _text(row, "caption", where, problems)
         image = _path(row, "image", path.parent, where, problems)
+        rewrite = _optional_rewrite(row, where, problems)
         if caption is not None and image is not None:
-            records.append(T2IRecord(image, caption, where))
+            records.append(T2IRecord(image, caption, where, rewrite))
     problems.raise_if_any()
     _require_some(records, path)
     return records
@@ -201,6 +214,7 @@ def load_edit_jsonl(path: str | Path) -> list[EditRecord]:
         where = f"{path}:{number}"
         instruction = _text(row, "instruction", where, problems)
         target = _path(row, "target", path.parent, where, problems)
+        rewrite = _optional_rewrite(row, where, problems)
         raw = row.get("sources")
         sources: list[Path] = []
         if raw is None:
@@ -213,7 +227,7 @@ def load_edit_jsonl(path: str | Path) -> list[EditRecord]:
                 if found is not None:
                     sources.append(found)
         if instruction is not None and target is not None and raw and len(sources) == len(raw):
-            records.append(EditRecord(tuple(sources), instruction, target, where))
+            records.append(EditRecord(tuple(sources), instruction, target, where, rewrite))
     problems.raise_if_any()
     _require_some(records, path)
     return records
@@ -248,45 +262,52 @@ def load_t2i_folder(folder: str | Path, extensions: Sequence[str] = IMAGE_EXTENS
     return records
 
 
-def t2i_from_samples(samples: Iterable[tuple[Image.Image, str]], name: str = "samples") -> list[T2IRecord]:
-    """In-memory ``(PIL image, caption)`` pairs, validated like file rows (origin ``name[i]``)."""
+def _sample_rewrite(sample: Sequence[Any], size: int, where: str, problems: _Problems) -> str | None:
+    """The optional last item of an in-memory sample of ``size`` items."""
+    return _text({"rewrite": sample[size]}, "rewrite", where, problems) if len(sample) > size else None
+
+
+def t2i_from_samples(samples: Iterable[Sequence[Any]], name: str = "samples") -> list[T2IRecord]:
+    """In-memory ``(PIL image, caption[, rewrite])`` tuples, validated like file rows (origin ``name[i]``)."""
     problems = _Problems(f"in-memory dataset {name!r}")
     records = []
     for index, sample in enumerate(samples):
         where = f"{name}[{index}]"
-        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
-            problems.add(f"{where}: expected an (image, caption) pair, got {type(sample).__name__}")
+        if not isinstance(sample, (tuple, list)) or len(sample) not in (2, 3):
+            problems.add(f"{where}: expected an (image, caption[, rewrite]) tuple, got {type(sample).__name__}")
             continue
-        image, caption = sample
+        image, caption = sample[:2]
         text = _text({"caption": caption}, "caption", where, problems)
+        rewrite = _sample_rewrite(sample, 2, where, problems)
         if not isinstance(image, Image.Image):
             problems.add(f"{where}: the image must be a PIL image, got {type(image).__name__}")
         elif text is not None:
-            records.append(T2IRecord(image, text, where))
+            records.append(T2IRecord(image, text, where, rewrite))
     problems.raise_if_any()
     _require_some(records, name)
     return records
 
 
-def edit_from_samples(samples: Iterable[tuple[Sequence[Image.Image], str, Image.Image]],
-                      name: str = "samples") -> list[EditRecord]:
-    """In-memory ``(source images, instruction, target image)`` triples."""
+def edit_from_samples(samples: Iterable[Sequence[Any]], name: str = "samples") -> list[EditRecord]:
+    """In-memory ``(source images, instruction, target image[, rewrite])`` tuples."""
     problems = _Problems(f"in-memory dataset {name!r}")
     records = []
     for index, sample in enumerate(samples):
         where = f"{name}[{index}]"
-        if not isinstance(sample, (tuple, list)) or len(sample) != 3:
-            problems.add(f"{where}: expected (source images, instruction, target), got {type(sample).__name__}")
+        if not isinstance(sample, (tuple, list)) or len(sample) not in (3, 4):
+            problems.add(f"{where}: expected (source images, instruction, target[, rewrite]), "
+                         f"got {type(sample).__name__}")
             continue
-        sources, instruction, target = sample
+        sources, instruction, target = sample[:3]
         text = _text({"instruction": instruction}, "instruction", where, problems)
+        rewrite = _sample_rewrite(sample, 3, where, problems)
         sources = [sources] if isinstance(sources, Image.Image) else list(sources)
         if not sources or not all(isinstance(s, Image.Image) for s in sources):
             problems.add(f"{where}: sources must be one or more PIL images")
         elif not isinstance(target, Image.Image):
             problems.add(f"{where}: the target must be a PIL image, got {type(target).__name__}")
         elif text is not None:
-            records.append(EditRecord(tuple(sources), text, target, where))
+            records.append(EditRecord(tuple(sources), text, target, where, rewrite))
     problems.raise_if_any()
     _require_some(records, name)
     return records

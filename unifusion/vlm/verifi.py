@@ -179,19 +179,9 @@ def verifi_rewrite(
     generated token and may raise to cancel; hooks are removed either way.
     `min_new_tokens` suppresses EOS for that many tokens (benchmarks use it to fix the length).
     """
-    pictures = to_pil_list(images)
-    text = text or ""
-    if not text.strip() and not pictures:
-        raise InputError("Verifi got an empty prompt and no images; type a prompt or connect a reference image")
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt.strip() or None)
-    room = vlm.max_length - max_new_tokens - 1
-    if room < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in this VLM's "
-                         f"{vlm.max_length}-token window; lower max_new_tokens")
-    prompt = build_prompt(vlm, pictures + [text], system_prompt=system, add_generation_prompt=True,
-                          max_tiles=max_tiles, max_length=room)
+    prompt = _rewrite_prompt(vlm, text, images, system_prompt, max_new_tokens + 1, max_tiles)
     eos = eos_token_ids(vlm)
     pad = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     prompt_length = prompt.input_ids.shape[1]
@@ -216,3 +206,61 @@ def verifi_rewrite(
     features = _features(prompt, states[:, :length], sequence[:, :length], kept, rewritten,
                          tuple(vlm.selected_layers))
     return VerifiResult(rewritten, features, kept, token_ids, finished)
+
+
+def _rewrite_prompt(vlm: LoadedVLM, text: str, images: Any, system_prompt: str | None, answer_room: int,
+                    max_tiles: int | list[int]) -> PromptInputs:
+    """The chat a rewrite answers: system prompt, reference images, then the user's text, leaving
+    ``answer_room`` tokens of the VLM's window for the answer."""
+    pictures = to_pil_list(images)
+    text = text or ""
+    if not text.strip() and not pictures:
+        raise InputError("Verifi got an empty prompt and no images; type a prompt or connect a reference image")
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt.strip() or None)
+    room = vlm.max_length - answer_room
+    if room < 1:
+        raise InputError(f"an answer of {answer_room} tokens leaves no room for the prompt in this VLM's "
+                         f"{vlm.max_length}-token window; lower max_new_tokens or shorten the rewrite")
+    return build_prompt(vlm, pictures + [text], system_prompt=system, add_generation_prompt=True,
+                        max_tiles=max_tiles, max_length=room)
+
+
+def forced_rewrite(
+    vlm: LoadedVLM,
+    text: str,
+    answer: str,
+    images: Any = (),
+    system_prompt: str | None = None,
+    max_tiles: int | list[int] = 6,
+    max_new_tokens: int | None = None,
+) -> VerifiResult:
+    """Verifi features of a given rewrite: the chat of `verifi_rewrite` with ``answer`` as the
+    VLM's reply, in one forward. An answer over ``max_new_tokens`` tokens is cut there, as
+    generation would be (``finished`` False).
+
+    For training data whose image a description fits (a dense caption, the demo world's
+    detailed scene): a causal VLM gives an answer's tokens the same states whether it
+    generated them or read them, so these are the features Verifi would capture had the VLM
+    written ``answer``, without the rewrite inventing details the image does not show.
+    """
+    ids = vlm.tokenizer(answer or "", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError("forced_rewrite got an empty answer; give the description to condition on")
+    finished = max_new_tokens is None or len(ids) <= max_new_tokens
+    ids = ids if finished else ids[:max_new_tokens]
+    prompt = _rewrite_prompt(vlm, text, images, system_prompt, len(ids), max_tiles)
+    kwargs = prompt.model_kwargs(device=vlm.device, dtype=vlm.dtype)
+    answer_ids = torch.tensor([ids], dtype=kwargs["input_ids"].dtype, device=kwargs["input_ids"].device)
+    sequence = torch.cat([kwargs["input_ids"], answer_ids], dim=1)  # (1, P + A)
+    for key, value in list(kwargs.items()):  # per-token inputs (mask, token types) grow with the answer
+        if key != "input_ids" and torch.is_tensor(value) and value.shape == answer_ids.shape[:1] + prompt.input_ids.shape[1:]:
+            fill = torch.ones_like(answer_ids) if key == "attention_mask" else torch.zeros_like(answer_ids)
+            kwargs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+    kwargs["input_ids"] = sequence
+    with torch.no_grad(), LayerCapture(vlm.decoder_layers, vlm.selected_layers) as capture:
+        vlm.model(**kwargs)
+    states = capture.stacked()  # (1, P + A, L, H)
+    token_ids = answer_ids[0].cpu()
+    rewritten = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    features = _features(prompt, states, sequence, len(ids), rewritten, tuple(vlm.selected_layers))
+    return VerifiResult(rewritten, features, len(ids), token_ids, finished)

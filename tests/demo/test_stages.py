@@ -1,0 +1,24 @@
+"""The demo's training records: Verifi answers are the true scenes when the recipe says so."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from unifusion.demo.grammar import parse_detailed, sample_edits, sample_t2i
+from unifusion.demo.recipe import quick_recipe
+from unifusion.demo.scorer import read_scene
+from unifusion.demo.stages import demo_records
+
+
+def test_records_carry_the_scene_as_their_rewrite() -> None:
+    recipe = replace(quick_recipe(), t2i_samples=5, edit_samples=3, verifi_true_rewrites=True)
+    records = demo_records(recipe)
+    t2i, edits = records[:5], records[5:]
+    assert [r.kind for r in records] == ["t2i"] * 5 + ["edit"] * 3
+    for record, sample in zip(t2i, sample_t2i(5, recipe.seed, split="train")):
+        assert record.caption == sample.caption and record.rewrite == sample.detailed
+        assert parse_detailed(record.rewrite) == read_scene(record.image) == sample.scene  # it describes the image
+    for record, sample in zip(edits, sample_edits(3, recipe.seed + 1, split="train")):
+        assert record.instruction == sample.instruction and parse_detailed(record.rewrite) == sample.target
+    written = demo_records(replace(recipe, verifi_true_rewrites=False))
+    assert all(r.rewrite is None for r in written) and [r.text for r in written] == [r.text for r in records]
