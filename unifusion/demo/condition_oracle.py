@@ -160,7 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=6000, help="training scenes (the recipe's t2i samples)")
     parser.add_argument("--count", type=int, default=96, help="held-out scenes scored per condition")
     parser.add_argument("--vae", type=Path, default=ASSETS_DIR / DEMO_VAE_PATH, help="autoencoder (default: the demo's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 beside another job)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:  # a missing or damaged autoencoder file and bad counts are ValueErrors
         vae = load_vae(args.vae)
         rows = {kind: train_and_score(kind, vae, steps=args.steps, samples=args.samples, count=args.count)

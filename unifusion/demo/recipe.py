@@ -40,7 +40,7 @@ class DemoRecipe:
     # 45% of which leave the cells or sizes open, only 38% of the written rewrites of the 6,000 t2i samples
     # describe the image (61% of the fully specified ones, 11% of the rest), so Verifi trained the DiT
     # on descriptions of other scenes.
-    verifi_true_rewrites: bool = False
+    verifi_true_rewrites: bool = True
     cache_batch_size: int = 64  # prompts per VLM encode and per batched Verifi generate
     dit_width: int = 192
     dit_depth: int = 4
