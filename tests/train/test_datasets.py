@@ -145,7 +145,8 @@ def test_rewrites_are_optional_and_checked(tmp_path: Path) -> None:
                                           {"image": "a.png", "caption": "x", "rewrite": 3}])
     with pytest.raises(DatasetError) as info:
         load_t2i_jsonl(bad)
-    assert f"{bad}:1: 'rewrite' is empty" in str(info.value) and f"{bad}:2: 'rewrite' must be a string" in str(info.value)
+    message = str(info.value)
+    assert f"{bad}:1: 'rewrite' is empty" in message and f"{bad}:2: 'rewrite' must be a string" in message
     image = Image.new("RGB", (8, 8))
     (t2i,) = t2i_from_samples([(image, "a cat", "one cat, sitting")])
     (moved,) = edit_from_samples([(image, "move it", image, "the cat on the left")])

@@ -159,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=800, help="training steps per condition")
     parser.add_argument("--samples", type=int, default=6000, help="training scenes (the recipe's t2i samples)")
     parser.add_argument("--count", type=int, default=96, help="held-out scenes scored per condition")
-    parser.add_argument("--vae", type=Path, default=ASSETS_DIR / DEMO_VAE_PATH, help="autoencoder (default: the demo's)")
+    parser.add_argument("--vae", type=Path, default=ASSETS_DIR / DEMO_VAE_PATH,
+                        help="autoencoder (default: the demo's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 beside another job)")
     args = parser.parse_args(argv)
     if args.threads:

@@ -259,7 +259,8 @@ def build_cache(
     prompt), ``batch_size`` prompts per `VerifiBatch` call (``verifi_batch``, default
     `rewrite_each`; a batched ``generate`` is much faster); sample ``i`` gets seed ``seed + i``.
     A record with its own ``rewrite`` gets that text forced as the answer instead (one forward,
-    cut at ``verifi_max_new_tokens``). ``progress(done, total)`` runs after each shard. A shard is held in memory until written:
+    cut at ``verifi_max_new_tokens``). ``progress(done, total)`` runs after each shard. A shard
+    is held in memory until written:
     ``shard_size`` x the per-sample size (about 40 KB for the demo, ~25 MB for paper-scale
     bf16 features with images) must fit in RAM.
     """

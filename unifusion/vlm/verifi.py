@@ -21,6 +21,11 @@ EOS are kept; the EOS itself is neither text nor a condition token, and since it
 never fed back it has no states anyway. In general the kept count is
 ``min(max_new_tokens, tokens before the first EOS, tokens that were fed back)``.
 
+Forced answers. `forced_rewrite` runs the same chat with a given answer appended, in one
+forward: for training data whose image a description fits, it gives the features Verifi would
+capture had the VLM written that description, without the details a rewrite of a short caption
+would invent.
+
 Seeds. Sampling uses the global generator of the model's device (transformers takes no
 generator argument), so the seed is set inside `torch.random.fork_rng` for that device
 only; the caller's RNG state is restored afterwards, also on errors.
@@ -252,8 +257,9 @@ def forced_rewrite(
     kwargs = prompt.model_kwargs(device=vlm.device, dtype=vlm.dtype)
     answer_ids = torch.tensor([ids], dtype=kwargs["input_ids"].dtype, device=kwargs["input_ids"].device)
     sequence = torch.cat([kwargs["input_ids"], answer_ids], dim=1)  # (1, P + A)
-    for key, value in list(kwargs.items()):  # per-token inputs (mask, token types) grow with the answer
-        if key != "input_ids" and torch.is_tensor(value) and value.shape == answer_ids.shape[:1] + prompt.input_ids.shape[1:]:
+    per_token = tuple(prompt.input_ids.shape)  # (1, P): the mask and any token-type ids grow with the answer
+    for key, value in list(kwargs.items()):
+        if key != "input_ids" and torch.is_tensor(value) and tuple(value.shape) == per_token:
             fill = torch.ones_like(answer_ids) if key == "attention_mask" else torch.zeros_like(answer_ids)
             kwargs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
     kwargs["input_ids"] = sequence
