@@ -11,10 +11,10 @@ and the benchmark's scorer reads held-out samples back:
 - ``detailed``: one token per word of the scene's detailed description, which a faithful Verifi
   rewrite gives.
 
-Side by side at 800 steps on 2 CPU cores, 96 held-out scenes (README, "Shape"): shapes
-100/73/99/100/99% (colour, shape, size, position, count), caption 74/29/65/77/50%, detailed
-99/68/99/100/99%. The DiT and the latents learn shape when the condition is a full, canonical
-description, and hardly at all from the captions.
+Side by side at 800 steps, 96 held-out scenes (README, "Shape"): shapes 100/77/100/100/99%
+(colour, shape, size, position, count), caption 62/24/65/69/52%, detailed 99/68/99/99/99%. The
+DiT and the latents learn shape when the condition is a full, canonical description, and hardly
+at all from the captions.
 
     python -m unifusion.demo.condition_oracle [--conditions shapes caption detailed] [--steps 800]
 """
