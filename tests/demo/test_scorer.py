@@ -127,3 +127,11 @@ def test_accepts_pil_arrays_tensors_and_other_sizes():
 def test_mean_scores():
     rows = [{"colour": 1.0, "exact": 1.0}, {"colour": 0.5, "exact": 0.0, "count": 1.0}]
     assert S.mean_scores(rows) == {"colour": 0.75, "exact": 0.5, "count": 1.0}
+
+
+def test_score_table_rows_and_extra_columns():
+    rows = {"a": {"colour": 1.0, "kind": 0.25, "exact": 0.0, "seconds": 12.4}, "b": {"colour": 0.5}}
+    table = S.score_table("run", rows, {"seconds": lambda row: f"{row.get('seconds', 0):.0f}"}).splitlines()
+    assert table[0] == "| run | colour | kind | size | position | count | exact | seconds |"
+    assert table[1] == "|" + "---|" * 8
+    assert table[2] == "| a | 100% | 25% | 0% | 0% | 0% | 0% | 12 |" and table[3].startswith("| b | 50% | 0% |")

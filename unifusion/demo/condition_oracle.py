@@ -32,15 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from ..dit import UniFusionDiT
-from ..flow import add_noise, euler_sample, resolution_shift, sample_training_timesteps, sampling_schedule
+from ..flow import euler_sample, flow_matching_loss, resolution_shift, sample_training_timesteps, sampling_schedule
 from .evaluate import scene_pixels
 from .grammar import VOCAB, T2ISample, sample_t2i, words
 from .recipe import DemoRecipe, dit_config
-from .scorer import ATTRIBUTES, mean_scores, score_scene
+from .scorer import ATTRIBUTES, mean_scores, score_scene, score_table
 from .world import COLOURS, GRID, KINDS, MAX_SHAPES, SIZES, SPLIT_SEEDS
 
 CONDITIONS = ("shapes", "caption", "detailed")
-COLUMNS = ("colour", "kind", "size", "position", "count", "exact")
 _WORD_IDS = {w: i + 1 for i, w in enumerate(VOCAB)}  # 0 pads
 _ATTRIBUTE_OFFSETS = (0, len(COLOURS), len(COLOURS) + len(KINDS), len(COLOURS) + len(KINDS) + len(SIZES))
 _SHAPE_VOCAB = _ATTRIBUTE_OFFSETS[-1] + GRID * GRID
@@ -119,7 +118,7 @@ def train_and_score(kind: str, vae: Any, recipe: DemoRecipe = DemoRecipe(), step
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_training_timesteps(x0.shape[0], gen, shift=shift, mean=recipe.timestep_logit_mean)
         tokens, mask = condition([train[i] for i in index.tolist()])
-        loss = (dit(add_noise(x0, noise, t), t, tokens, mask) - (noise - x0)).square().mean()
+        loss = flow_matching_loss(dit, x0, noise, t, context=tokens, context_mask=mask)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -131,8 +130,7 @@ def train_and_score(kind: str, vae: Any, recipe: DemoRecipe = DemoRecipe(), step
     with torch.no_grad():
         tokens, mask = condition(test)
         noise = torch.randn((count,) + tuple(latents.shape[1:]), generator=torch.Generator().manual_seed(seed + 2))
-        x = euler_sample(lambda x, t, context, context_mask: dit(x, t, context, context_mask), noise,
-                         sampling_schedule(20, shift), context=tokens, context_mask=mask)
+        x = euler_sample(dit, noise, sampling_schedule(20, shift), context=tokens, context_mask=mask)
         images = vae.decode(x)
     scores = mean_scores(score_scene(s.scene, image, scored_attributes(kind, s)) for s, image in zip(test, images))
     return {**scores, "loss_first": sum(losses[:tenth]) / tenth, "loss_last": sum(losses[-tenth:]) / tenth,
@@ -141,12 +139,9 @@ def train_and_score(kind: str, vae: Any, recipe: DemoRecipe = DemoRecipe(), step
 
 def format_rows(rows: dict[str, dict[str, float]]) -> str:
     """A markdown table: one row per condition."""
-    lines = ["| condition | " + " | ".join(COLUMNS) + " | loss (first / last tenth) | seconds |",
-             "|---|" + "---|" * (len(COLUMNS) + 2)]
-    for kind, row in rows.items():
-        cells = " | ".join(f"{100 * row.get(c, 0.0):.0f}%" for c in COLUMNS)
-        lines.append(f"| {kind} | {cells} | {row['loss_first']:.3f} / {row['loss_last']:.3f} | {row['seconds']:.0f} |")
-    return "\n".join(lines)
+    return score_table("condition", rows, {
+        "loss (first / last tenth)": lambda row: f"{row['loss_first']:.3f} / {row['loss_last']:.3f}",
+        "seconds": lambda row: f"{row['seconds']:.0f}"})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,7 +4,7 @@ For held-out captions, the true scene's latent is noised to x_t = (1 - t) x0 + t
 predicts the velocity once, and its guess x0 = x_t - t * v is decoded and scored like a sample.
 At low t the noisy latent still shows the scene; at high t only the condition can tell the DiT
 what to draw, so the scores there say how much the DiT reads from its condition, free of the
-sampler. On the shipped model colour falls from 100% at t = 0.2 to 55% at t = 0.95, and shape from
+sampler. On the shipped model of 2026-12-01 colour falls from 100% at t = 0.2 to 55% at t = 0.95, and shape from
 76% (the autoencoder's own ceiling is 83%) to 31%, about a guess among four (see the README's shape
 paragraph).
 
@@ -22,11 +22,10 @@ import torch
 from ..flow import add_noise
 from .evaluate import scene_pixels
 from .grammar import sample_t2i
-from .scorer import mean_scores, score_scene
+from .scorer import mean_scores, score_scene, score_table
 from .world import SPLIT_SEEDS
 
 TIMES = (0.2, 0.4, 0.6, 0.8, 0.95)
-COLUMNS = ("colour", "kind", "size", "position", "count", "exact")
 
 
 def one_step_scores(pipe: Any, count: int = 48, times: Sequence[float] = TIMES, verifi: bool = False,
@@ -53,10 +52,7 @@ def one_step_scores(pipe: Any, count: int = 48, times: Sequence[float] = TIMES, 
 
 def format_scores(scores: dict[float, dict[str, float]]) -> str:
     """A markdown table: one row per noise level, one column per attribute."""
-    lines = ["| t | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-    for t, row in scores.items():
-        lines.append(f"| {t:g} | " + " | ".join(f"{100 * row.get(c, 0.0):.0f}%" for c in COLUMNS) + " |")
-    return "\n".join(lines)
+    return score_table("t", {f"{t:g}": row for t, row in scores.items()})
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -261,6 +261,22 @@ def identity_preserved(source: Scene, target: Scene, output: Any) -> float:
 def composition_success(target: Scene, output: Any) -> bool:
     """Every reference's shape is at its place with its look, and nothing else is drawn."""
     return as_scene(output) == target
+
+
+SCORE_COLUMNS = ("colour", "kind", "size", "position", "count", "exact")
+
+
+def score_table(label: str, rows: dict[str, dict[str, float]],
+                extra: dict[str, Callable[[dict[str, float]], str]] | None = None) -> str:
+    """A markdown table of score rows: ``label`` heads the row names, then one percentage column
+    per `SCORE_COLUMNS` entry, then ``extra`` columns (header -> cell of a row)."""
+    extra = extra or {}
+    headers = (label,) + SCORE_COLUMNS + tuple(extra)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name, row in rows.items():
+        cells = [f"{100 * row.get(c, 0.0):.0f}%" for c in SCORE_COLUMNS] + [cell(row) for cell in extra.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def mean_scores(rows: Iterable[dict[str, float]]) -> dict[str, float]:
