@@ -24,12 +24,13 @@ def _numbers(text: str) -> list[str]:
 
 def parse_layers(text: str, num_layers: int, stride: int = 3) -> tuple[int, ...]:
     """VLM layers to capture: "" or "paper" (every 3rd from 4, the paper's choice),
-    "all", or a list such as "4, 7, 10" (layer k = output of decoder layer k, from 1)."""
+    "all" (0 to the last), or a list such as "4, 7, 10" (layer k = output of decoder layer k, from 1;
+    layer 0 = the input embeddings)."""
     value = (text or "").strip().lower()
     if value in ("", LAYERS_PAPER):
         return default_layer_selection(num_layers, stride)
     if value == LAYERS_ALL:
-        return tuple(range(1, num_layers + 1))
+        return tuple(range(0, num_layers + 1))
     layers = []
     for item in _numbers(value):
         try:
@@ -38,9 +39,10 @@ def parse_layers(text: str, num_layers: int, stride: int = 3) -> tuple[int, ...]
             raise InputError(
                 f"layers: {item!r} is not a layer number; type 'paper', 'all' or numbers like '4, 7, 10'"
             ) from None
-    bad = [k for k in layers if not 1 <= k <= num_layers]
+    bad = [k for k in layers if not 0 <= k <= num_layers]
     if bad:
-        raise InputError(f"layers: {bad} are outside 1..{num_layers}; this VLM has {num_layers} decoder layers")
+        raise InputError(f"layers: {bad} are outside 0..{num_layers}; this VLM has {num_layers} decoder layers "
+                         "(0 is the input embeddings)")
     if len(set(layers)) != len(layers):
         raise InputError(f"layers: {layers} lists a layer twice; list each layer once")
     return tuple(sorted(layers))

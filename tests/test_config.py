@@ -32,7 +32,7 @@ def test_config_json_round_trip():
 
 def test_inconsistent_configs_are_refused_with_the_reason():
     vlm = VLMIdentity("X", 8, 64, (4, 7))
-    with pytest.raises(ConfigError, match="outside 1..8"):
+    with pytest.raises(ConfigError, match="outside 0..8"):
         VLMIdentity("X", 8, 64, (4, 9))
     with pytest.raises(ConfigError, match="not divisible"):
         DiTConfig(hidden_size=65, num_heads=4)

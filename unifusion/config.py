@@ -8,6 +8,8 @@ Layer numbering convention (used everywhere in the project): layer ``k`` means t
 output of decoder layer ``k`` counted from 1, i.e. ``hidden_states[k]`` of a
 transformers model for every ``k`` below the layer count, captured *before* any final
 norm (for ``k == num_layers`` transformers applies the final norm, our hooks do not).
+Layer 0 is the input of decoder layer 1: the token embeddings, with any image features
+merged in (``hidden_states[0]``).
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class VLMIdentity:
         object.__setattr__(self, "selected_layers", tuple(int(i) for i in self.selected_layers))
         if not self.selected_layers:
             raise ConfigError("VLMIdentity.selected_layers is empty: select at least one layer")
-        bad = [i for i in self.selected_layers if not 1 <= i <= self.num_layers]
+        bad = [i for i in self.selected_layers if not 0 <= i <= self.num_layers]
         if bad:
             raise ConfigError(
-                f"selected layers {bad} are outside 1..{self.num_layers} for a {self.num_layers}-layer VLM"
+                f"selected layers {bad} are outside 0..{self.num_layers} for a {self.num_layers}-layer VLM "
+                "(0 is the input embeddings)"
             )
 
     def mismatches(self, other: "VLMIdentity") -> list[str]:

@@ -146,7 +146,7 @@ def test_layer_selection_mismatch_names_the_fix(server: ComfyServer) -> None:
 
 
 def test_bad_layers_on_the_loader(server: ComfyServer) -> None:
-    fails_then_recovers(server, graph(layers="4, 99"), "vlm", "outside 1..8")
+    fails_then_recovers(server, graph(layers="4, 99"), "vlm", "outside 0..8")
 
 
 # -- behaviour ---------------------------------------------------------------------------------

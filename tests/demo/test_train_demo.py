@@ -52,6 +52,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
         assert read_checkpoint_header(work / "ablations" / f"{name}.safetensors").config.lap.pooling == pooling
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)
+    assert header.config.vlm.selected_layers == quick_recipe().vlm_layers  # layer 0 (input embeddings) among them
     assert header.config.extra["sampling_shift"] > 0 and header.config.extra["ema"] is True
     assert header.config.extra["trained_steps"] == quick_recipe().edit_steps
     pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH)
@@ -95,6 +96,8 @@ def test_fingerprints_change_downstream_only():
     assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "decoder", "ablation"]
     decoder = stage_fingerprints(replace(quick_recipe(), decoder_steps=9))
     assert [s for s in base if base[s] != decoder[s]] == ["decoder"]
+    layers = stage_fingerprints(replace(quick_recipe(), vlm_layers=(2,)))
+    assert [s for s in base if base[s] != layers[s]] == ["cache", "t2i", "edit", "ablation"]
     ablation = stage_fingerprints(replace(quick_recipe(), ablation_steps=9))
     assert [s for s in base if base[s] != ablation[s]] == ["ablation"]
 

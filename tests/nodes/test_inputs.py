@@ -13,12 +13,12 @@ InputError = pack_module("unifusion.errors").InputError
 def test_layers_paper_default_is_every_third_from_four():
     assert inputs.parse_layers("", 32) == tuple(range(4, 32, 3))
     assert inputs.parse_layers(" Paper ", 32) == inputs.parse_layers("", 32)
-    assert inputs.parse_layers("all", 5) == (1, 2, 3, 4, 5)
+    assert inputs.parse_layers("all", 5) == (0, 1, 2, 3, 4, 5)
 
 
 def test_layers_list_is_sorted_and_checked():
     assert inputs.parse_layers("10, 4;7", 12) == (4, 7, 10)
-    with pytest.raises(InputError, match=r"outside 1\.\.12"):
+    with pytest.raises(InputError, match=r"outside 0\.\.12"):
         inputs.parse_layers("4, 13", 12)
     with pytest.raises(InputError, match="twice"):
         inputs.parse_layers("4, 4", 12)

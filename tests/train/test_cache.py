@@ -170,11 +170,12 @@ def test_records_with_a_rewrite_get_it_forced(cache: FeatureCache, records, tiny
         calls.append(kwargs["seeds"])
         return cache_build.rewrite_each(vlm, texts, image_lists, **kwargs)
 
-    answers = {1: "one shape: a large red circle in the center.", 7: "two shapes: a small blue square in the top left."}
+    answers = {1: "one shape: a large red circle in the center.", 2: "one shape: a small red square in the center.",
+               7: "two shapes: a small blue square in the top left."}  # 1 and 2 share one padded forward
     subset = [replace(r, rewrite=answers.get(i)) for i, r in enumerate(records[:8])]
     built = build_cache(subset, tiny_vlm, tiny_vae, tmp_path, feature_dtype="float32", verifi=True, recon=False,
                         verifi_max_new_tokens=VERIFI_TOKENS, batch_size=4, seed=10, verifi_batch=batched)
-    assert calls == [[10, 12, 13], [14, 15, 16]]
+    assert calls == [[10, 13], [14, 15, 16]]
     for i, record in enumerate(subset):
         ours = built.get(i, ("verifi",))
         if record.rewrite is None:

@@ -14,7 +14,8 @@ from unifusion.errors import InputError
 from unifusion.vlm.layers import LayerCapture
 from unifusion.vlm.loader import load_vlm
 from unifusion.vlm.prompt import build_prompt
-from unifusion.vlm.verifi import DEFAULT_SYSTEM_PROMPT, eos_token_ids, forced_rewrite, kept_count, verifi_rewrite
+from unifusion.vlm.verifi import (DEFAULT_SYSTEM_PROMPT, eos_token_ids, forced_rewrite, forced_rewrite_batch, kept_count,
+                                  verifi_rewrite)
 
 N = 6
 
@@ -207,6 +208,26 @@ def test_forced_rewrite_matches_generated(vlms, family, picture, with_image):
     cut = forced_rewrite(vlm, "a red circle", answer, images=images, max_tiles=2, max_new_tokens=N - 2)
     assert torch.equal(cut.token_ids, written.token_ids[: N - 2]) and not cut.finished
     torch.testing.assert_close(cut.features.features, written.features.features[:, :-2], atol=1e-5, rtol=0)
+
+
+def test_forced_batch_matches_one_by_one(vlms, family, picture):
+    """Rows of other lengths, with and without images, padded into one forward: each row's ids,
+    states and masks equal its own forced_rewrite."""
+    vlm = vlms[family]
+    texts = ["a red circle", "make it blue", "two small green squares at the top and a cat"]
+    answers = ["a red circle in the center", "a blue circle", "cat cat"]
+    images = [[], [picture], [picture, picture]]
+    batch = forced_rewrite_batch(vlm, texts, answers, images, max_tiles=2, max_new_tokens=4)
+    for text, answer, pics, got in zip(texts, answers, images, batch):
+        one = forced_rewrite(vlm, text, answer, images=pics, max_tiles=2, max_new_tokens=4)
+        assert got.text == one.text and got.finished == one.finished
+        assert torch.equal(got.token_ids, one.token_ids)
+        assert torch.equal(got.features.input_ids, one.features.input_ids)
+        for mask in ("attention_mask", "is_image", "keep", "is_system", "is_instruction", "is_template"):
+            assert torch.equal(getattr(got.features, mask), getattr(one.features, mask)), mask
+        torch.testing.assert_close(got.features.features, one.features.features, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="one answer and one image list per text"):
+        forced_rewrite_batch(vlm, texts, answers[:2])
 
 
 def test_forced_rewrite_inputs(vlms):

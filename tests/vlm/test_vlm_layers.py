@@ -16,7 +16,7 @@ def vlms(tiny_vlms):
 
 def test_capture_matches_hidden_states(vlms, family):
     vlm = vlms[family]
-    selected = (1, 2, 4, 7)
+    selected = (0, 1, 2, 4, 7)  # 0: the input embeddings (image features merged in, for a VLM)
     ids = torch.randint(20, len(vlm.tokenizer), (2, 11))
     mask = torch.ones_like(ids)
     hooks_before = [dict(layer._forward_hooks) for layer in vlm.decoder_layers]
@@ -29,7 +29,8 @@ def test_capture_matches_hidden_states(vlms, family):
     # our hooks are gone after the block (transformers' output recorder may add its own once)
     for before, layer in zip(hooks_before, vlm.decoder_layers):
         assert set(before) <= set(layer._forward_hooks)
-        assert not any(hook.__qualname__.startswith("LayerCapture") for hook in layer._forward_hooks.values())
+        hooks = list(layer._forward_hooks.values()) + list(layer._forward_pre_hooks.values())
+        assert not any(hook.__qualname__.startswith("LayerCapture") for hook in hooks)
 
 
 def test_capture_concatenates_generate_steps(vlms):
@@ -37,7 +38,7 @@ def test_capture_concatenates_generate_steps(vlms):
     matches a fresh forward over the whole sequence (the last token needs its own step)."""
     vlm = vlms["internvl"]
     ids = torch.randint(20, len(vlm.tokenizer), (1, 6))
-    with LayerCapture(vlm.decoder_layers, (2, 5)) as capture:
+    with LayerCapture(vlm.decoder_layers, (0, 2, 5)) as capture:
         out = vlm.model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert capture.num_forwards == 4  # prompt + 3 cached steps; the 4th new token is never fed back
     states = capture.stacked()
@@ -45,7 +46,7 @@ def test_capture_concatenates_generate_steps(vlms):
     assert states.shape[:2] == full.shape
     with torch.no_grad():
         ref = vlm.base_model(input_ids=full, output_hidden_states=True, use_cache=False).hidden_states
-    torch.testing.assert_close(states, torch.stack([ref[2], ref[5]], dim=2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(states, torch.stack([ref[0], ref[2], ref[5]], dim=2), atol=1e-5, rtol=0)
 
 
 def test_last_layer_is_before_final_norm(vlms):
@@ -61,8 +62,10 @@ def test_last_layer_is_before_final_norm(vlms):
 
 def test_bad_selection_and_empty(vlms):
     layers = vlms["qwen3_vl"].decoder_layers
-    with pytest.raises(LayerCaptureError, match=r"1\.\.8"):
-        LayerCapture(layers, (0, 3))
+    with pytest.raises(LayerCaptureError, match=r"1\.\.8 .*layer 0 = the input embeddings"):
+        LayerCapture(layers, (3, 9))
+    with pytest.raises(LayerCaptureError, match="do not exist"):
+        LayerCapture(layers, (-1,))
     with pytest.raises(LayerCaptureError, match="no layers selected"):
         LayerCapture(layers, ())
     with LayerCapture(layers, (3,)) as capture, pytest.raises(LayerCaptureError, match="nothing captured"):

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Ablation checkpoints `train-demo --ablations` writes into <work>/ablations/, and their labels.
 ABLATIONS = {
-    "lap": "LAP (every 3rd layer, attention over layers)",
+    "lap": "LAP (attention over the selected layers)",
     "last_layer": "deepest selected layer only",
     "mean_of_layers": "mean of the selected layers",
     "no_verifi": "LAP, trained without Verifi features",

@@ -115,8 +115,11 @@ def demo_records(recipe: DemoRecipe) -> list[Any]:
 
 
 def stage_cache(recipe: DemoRecipe, vlm: Any, vae: Any, folder: Path) -> Any:
+    """The feature cache of `demo_records`, capturing ``recipe.vlm_layers`` (the checkpoint pools those)."""
     from ..train.cache_build import build_cache
 
+    if recipe.vlm_layers is not None:
+        vlm = replace(vlm, selected_layers=tuple(recipe.vlm_layers))
     with torch.no_grad():
         return build_cache(demo_records(recipe), vlm, vae, folder, resolution=64, verifi=True,
                            verifi_max_new_tokens=recipe.verifi_max_new_tokens, recon=True, recon_tiles=1,

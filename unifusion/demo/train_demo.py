@@ -122,7 +122,7 @@ STAGE_PARAMS = {
     "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
             "vae_foreground_weight", "vae_edge_weight", "vae_light"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "verifi_true_rewrites",
-              "cache_batch_size"),
+              "cache_batch_size", "vlm_layers"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
             "dit_rope_theta", "dit_absolute_position", "dit_predict_x0", "batch_size", "t2i_steps", "t2i_lr",
             "condition_lr_scale", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",

@@ -69,7 +69,7 @@ def parse_rewrite(text: str) -> Optional[Scene]:
 class VLMTrainConfig:
     """Size and recipe of the demo VLM (defaults: the shipped model)."""
 
-    num_layers: int = 12  # every 3rd layer from 4: layers 4, 7, 10 feed LAP
+    num_layers: int = 12  # LAP pools layers 0, 4, 7, 10 (DemoRecipe.vlm_layers)
     hidden_size: int = 64
     # The vision tower (InternVL's own is 1024 wide, 24 layers). Wider did not read shapes better:
     # captions of 150 held-out images named the shape right in 52% at 32 x 2, 44% at 64 x 2, 51% at 96 x 4.

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..vlm.encode import encode
-from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, forced_rewrite, verifi_rewrite
+from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, forced_rewrite_batch, verifi_rewrite
 from .cache import (
     FEATURE_DTYPES,
     FORMAT_NAME,
@@ -134,12 +134,14 @@ class _Encoder:
                 raise CacheError(f"the Verifi batch function returned {len(batch)} results for {len(written)} prompts")
             for i, result in zip(written, batch):
                 results[i] = result
-        for i, record in enumerate(records):
-            if record.rewrite is not None:
-                results[i] = forced_rewrite(self.vlm, record.text, record.rewrite, images[i],
-                                            system_prompt=self.key.verifi_system_prompt,
-                                            max_tiles=self.key.max_tiles,
-                                            max_new_tokens=self.key.verifi_max_new_tokens)
+        forced = [i for i, r in enumerate(records) if r.rewrite is not None]
+        if forced:  # one padded forward for the chunk's forced answers
+            batch = forced_rewrite_batch(self.vlm, [records[i].text for i in forced],
+                                         [records[i].rewrite for i in forced], [images[i] for i in forced],
+                                         system_prompt=self.key.verifi_system_prompt, max_tiles=self.key.max_tiles,
+                                         max_new_tokens=self.key.verifi_max_new_tokens)
+            for i, result in zip(forced, batch):
+                results[i] = result
         return results
 
     def _rows(self, features: Any) -> list[Tensor]:

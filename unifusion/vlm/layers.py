@@ -3,6 +3,8 @@
 Layer ``k`` (counted from 1) is the output of decoder layer index ``k - 1``, taken before
 any final norm, so it equals ``hidden_states[k]`` of ``output_hidden_states=True`` for
 every ``k`` below the layer count without keeping every layer's states in memory.
+Layer 0 is the input of decoder layer index 0 (the token embeddings with any image
+features merged in, ``hidden_states[0]``).
 Each forward appends only its new positions, so one capture works for a single
 encoding forward and for ``generate``, where each step sees one new token.
 """
@@ -75,10 +77,11 @@ def _check_selection(layers: nn.ModuleList, selected: Sequence[int]) -> tuple[in
     selected = tuple(int(k) for k in selected)
     if not selected:
         raise LayerCaptureError("no layers selected: pass at least one layer number (counted from 1)")
-    bad = [k for k in selected if not 1 <= k <= len(layers)]
+    bad = [k for k in selected if not 0 <= k <= len(layers)]
     if bad:
         raise LayerCaptureError(
-            f"layers {bad} do not exist: this VLM has decoder layers 1..{len(layers)} (layer k = output of layer k)"
+            f"layers {bad} do not exist: this VLM has decoder layers 1..{len(layers)} (layer k = output of layer k, "
+            "layer 0 = the input embeddings)"
         )
     return selected
 
@@ -111,21 +114,30 @@ class LayerCapture:
 
     def _hook(self, k: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            hidden = hidden.detach()  # (B, n_new, H)
-            if k == self._first:
-                b, n, h = hidden.shape
-                device = self.store_device if self.store_device is not None else hidden.device
-                self._buffers.append(hidden.new_empty((b, n, len(self.selected), h), device=device))
-            buf = self._buffers[-1]  # (B, n_new, L, H)
-            for i in self._slots[k]:
-                buf[:, :, i] = hidden
+            self._store(k, output[0] if isinstance(output, (tuple, list)) else output)
 
         return hook
 
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Layer 0: the hidden states decoder layer 1 is called with."""
+        self._store(0, args[0] if args else kwargs["hidden_states"])
+
+    def _store(self, k: int, hidden: torch.Tensor) -> None:
+        hidden = hidden.detach()  # (B, n_new, H)
+        if k == self._first:
+            b, n, h = hidden.shape
+            device = self.store_device if self.store_device is not None else hidden.device
+            self._buffers.append(hidden.new_empty((b, n, len(self.selected), h), device=device))
+        buf = self._buffers[-1]  # (B, n_new, L, H)
+        for i in self._slots[k]:
+            buf[:, :, i] = hidden
+
     def __enter__(self) -> "LayerCapture":
         for k in self._slots:
-            self._handles.append(self.layers[k - 1].register_forward_hook(self._hook(k)))
+            if k == 0:
+                self._handles.append(self.layers[0].register_forward_pre_hook(self._input_hook, with_kwargs=True))
+            else:
+                self._handles.append(self.layers[k - 1].register_forward_hook(self._hook(k)))
         return self
 
     def __exit__(self, *exc: object) -> None:

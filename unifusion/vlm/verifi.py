@@ -24,7 +24,7 @@ never fed back it has no states anyway. In general the kept count is
 Forced answers. `forced_rewrite` runs the same chat with a given answer appended, in one
 forward: for training data whose image a description fits, it gives the features Verifi would
 capture had the VLM written that description, without the details a rewrite of a short caption
-would invent.
+would invent. `forced_rewrite_batch` runs many such chats in one right-padded forward.
 
 Seeds. Sampling uses the global generator of the model's device (transformers takes no
 generator argument), so the seed is set inside `torch.random.fork_rng` for that device
@@ -36,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import InputError
@@ -248,6 +249,49 @@ def forced_rewrite(
     generated them or read them, so these are the features Verifi would capture had the VLM
     written ``answer``, without the rewrite inventing details the image does not show.
     """
+    return forced_rewrite_batch(vlm, [text], [answer], [images], system_prompt=system_prompt, max_tiles=max_tiles,
+                                max_new_tokens=max_new_tokens)[0]
+
+
+def forced_rewrite_batch(
+    vlm: LoadedVLM,
+    texts: Sequence[str],
+    answers: Sequence[str],
+    image_lists: Sequence[Any] | None = None,
+    system_prompt: str | None = None,
+    max_tiles: int | list[int] = 6,
+    max_new_tokens: int | None = None,
+) -> list[VerifiResult]:
+    """`forced_rewrite` of every ``(texts[i], answers[i], image_lists[i])`` in one forward.
+
+    Each row is its own chat plus its answer, padded on the right: a causal VLM's real tokens
+    never see the padding after them and keep their positions, so each row equals its own
+    `forced_rewrite` up to float tolerance. Image inputs are concatenated in row order, the
+    order of their placeholder tokens."""
+    image_lists = [()] * len(texts) if image_lists is None else list(image_lists)
+    if not texts or len(answers) != len(texts) or len(image_lists) != len(texts):
+        raise InputError(f"forced_rewrite_batch needs one answer and one image list per text, got {len(texts)} "
+                         f"texts, {len(answers)} answers and {len(image_lists)} image lists")
+    rows = [_forced_row(vlm, text, answer, images, system_prompt, max_tiles, max_new_tokens)
+            for text, answer, images in zip(texts, answers, image_lists)]
+    kwargs = _pad_rows([row for _, row, _, _ in rows], vlm)
+    with torch.no_grad(), LayerCapture(vlm.decoder_layers, vlm.selected_layers) as capture:
+        vlm.model(**kwargs)
+    states = capture.stacked()  # (B, T, L, H)
+    results = []
+    for b, (prompt, row, ids, finished) in enumerate(rows):
+        sequence = row["input_ids"]  # (1, P + A)
+        rewritten = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        features = _features(prompt, states[b:b + 1, :sequence.shape[1]], sequence, len(ids), rewritten,
+                             tuple(vlm.selected_layers))
+        results.append(VerifiResult(rewritten, features, len(ids), sequence[0, -len(ids):].cpu(), finished))
+    return results
+
+
+def _forced_row(vlm: LoadedVLM, text: str, answer: str, images: Any, system_prompt: str | None,
+                max_tiles: int | list[int], max_new_tokens: int | None,
+                ) -> tuple[PromptInputs, dict[str, Any], list[int], bool]:
+    """(the chat, its forward kwargs with the answer appended, the answer ids kept, whether all were)."""
     ids = vlm.tokenizer(answer or "", add_special_tokens=False)["input_ids"]
     if not ids:
         raise InputError("forced_rewrite got an empty answer; give the description to condition on")
@@ -256,17 +300,42 @@ def forced_rewrite(
     prompt = _rewrite_prompt(vlm, text, images, system_prompt, len(ids), max_tiles)
     kwargs = prompt.model_kwargs(device=vlm.device, dtype=vlm.dtype)
     answer_ids = torch.tensor([ids], dtype=kwargs["input_ids"].dtype, device=kwargs["input_ids"].device)
-    sequence = torch.cat([kwargs["input_ids"], answer_ids], dim=1)  # (1, P + A)
-    per_token = tuple(prompt.input_ids.shape)  # (1, P): the mask and any token-type ids grow with the answer
-    for key, value in list(kwargs.items()):
-        if key != "input_ids" and torch.is_tensor(value) and tuple(value.shape) == per_token:
+    for key in _per_token_keys([kwargs]):  # the mask and any token-type ids grow with the answer
+        if key != "input_ids":
             fill = torch.ones_like(answer_ids) if key == "attention_mask" else torch.zeros_like(answer_ids)
-            kwargs[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
-    kwargs["input_ids"] = sequence
-    with torch.no_grad(), LayerCapture(vlm.decoder_layers, vlm.selected_layers) as capture:
-        vlm.model(**kwargs)
-    states = capture.stacked()  # (1, P + A, L, H)
-    token_ids = answer_ids[0].cpu()
-    rewritten = vlm.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    features = _features(prompt, states, sequence, len(ids), rewritten, tuple(vlm.selected_layers))
-    return VerifiResult(rewritten, features, len(ids), token_ids, finished)
+            kwargs[key] = torch.cat([kwargs[key], fill.to(kwargs[key].dtype)], dim=1)
+    kwargs["input_ids"] = torch.cat([kwargs["input_ids"], answer_ids], dim=1)  # (1, P + A)
+    return prompt, kwargs, ids, finished
+
+
+def _per_token_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose value is one entry per token in every row that has them (ids, mask, token
+    types, which rows without images may lack)."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return [key for key in keys if all(
+        torch.is_tensor(row[key]) and tuple(row[key].shape) == tuple(row["input_ids"].shape)
+        for row in rows if key in row)]
+
+
+def _pad_rows(rows: Sequence[dict[str, Any]], vlm: LoadedVLM) -> dict[str, Any]:
+    """One batch from single-row kwargs: per-token tensors right-padded (the mask with 0, the ids
+    with the pad id), image inputs concatenated in row order."""
+    if len(rows) == 1:
+        return dict(rows[0])
+    width = max(row["input_ids"].shape[1] for row in rows)
+    eos = eos_token_ids(vlm)
+    pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    per_token = _per_token_keys(rows)
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for row in rows for k in row):
+        if key in per_token:  # a row without the key (no image: no token types) is all zeros
+            fill = pad_id if key == "input_ids" else 0
+            like = next(row[key] for row in rows if key in row)
+            values = [F.pad(row[key], (0, width - row[key].shape[1]), value=fill) if key in row
+                      else like.new_zeros((1, width)) for row in rows]
+        else:
+            values = [row[key] for row in rows if key in row]
+        out[key] = torch.cat(values)
+    return out
+
+
