@@ -81,8 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "batched": lambda: batched(vlm, rows, args.batch)}, args.repeats)
     single, batch = median(times["one by one"]), median(times["batched"])
     ratio = single / batch
-    log_lines(table(["way", "CPU s", "records/s"],
-                    [("one by one", single, len(rows) / single), (f"batched ({args.batch})", batch, len(rows) / batch)]))
+    log_lines(table(["way", "CPU s", "records/s"], [("one by one", single, len(rows) / single),
+                                                    (f"batched ({args.batch})", batch, len(rows) / batch)]))
     log_lines([f"one by one / batched: {ratio:.2f}"])
     return 0
 

@@ -76,7 +76,8 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _check_selection(layers: nn.ModuleList, selected: Sequence[int]) -> tuple[int, ...]:
     selected = tuple(int(k) for k in selected)
     if not selected:
-        raise LayerCaptureError("no layers selected: pass at least one layer number (counted from 1)")
+        raise LayerCaptureError("no layers selected: pass at least one layer number (counted from 1; "
+                                "0 = the input embeddings)")
     bad = [k for k in selected if not 0 <= k <= len(layers)]
     if bad:
         raise LayerCaptureError(
