@@ -10,8 +10,8 @@ detailed scenes as answers, a quarter of them single-reference edits with their 
 Each figure is the median CPU seconds of ``--repeats`` timed runs over all records after one warm-up,
 the two ways interleaved. Ratio: one by one / batched, no goal: on the demo VLM the forward itself
 dominates either way (a long system prompt, 12 layers), so batching saves the per-call overhead only
-(1.42 at batch 64, 64 records, one thread). The batched rows are checked against the one-by-one rows
-first (same states to 1e-4).
+(1.35 with the defaults: 128 records, batch 64, one thread, median of 3). The batched rows are
+checked against the one-by-one rows first (same states to 1e-4).
 
 Run: ``python benchmarks/forced_batch.py [--records 128] [--batch 64] [--repeats 3] [--vlm FOLDER]``
 """

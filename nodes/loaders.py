@@ -31,9 +31,10 @@ class UniFusionVLMLoader(io.ComfyNode):
                                        "the default dtype."),
                 io.String.Input("layers", default="paper",
                                 tooltip="Decoder layers whose states are captured: 'paper' (every 3rd layer "
-                                        "from 4, what UniFusion checkpoints use), 'all', or numbers like "
-                                        "'4, 7, 10' (0 is the input embeddings). UniFusion LAP Pool needs the checkpoint's layers among "
-                                        "them; UniFusion Text Encode always uses the checkpoint's."),
+                                        "from 4, the paper's choice), 'all' (0 to the last; the demo "
+                                        "checkpoint pools 0, 4, 7, 10), or numbers like '4, 7, 10' (0 is the "
+                                        "input embeddings). UniFusion LAP Pool needs the checkpoint's layers "
+                                        "among them; UniFusion Text Encode always uses the checkpoint's."),
                 io.Boolean.Input("trust_remote_code", default=False, optional=True,
                                  tooltip="Off (safe): only VLMs that transformers supports natively load. On: "
                                          "Python code shipped in the model folder runs when it loads; turn it on "

@@ -23,7 +23,7 @@ from ..vlm.images import to_pil_list
 from ..vlm.layers import LayerCapture
 from ..vlm.loader import LoadedVLM
 from ..vlm.prompt import PromptInputs, build_prompts
-from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, VerifiResult, eos_token_ids, kept_count
+from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, VerifiResult, eos_token_ids, kept_count, pad_token_id
 
 
 def _row(prompt: PromptInputs, b: int, start: int) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def verifi_rewrite_batch(
     prompt = build_prompts(vlm, contents, system_prompt=system, add_generation_prompt=True, max_tiles=max_tiles,
                            max_length=vlm.max_length - max_new_tokens - 1, padding_side="left")
     eos = eos_token_ids(vlm)
-    pad = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_token_id(vlm)
     with torch.no_grad(), LayerCapture(vlm.decoder_layers, vlm.selected_layers) as capture:
         sequence = vlm.model.generate(
             **prompt.model_kwargs(device=vlm.device, dtype=vlm.dtype), max_new_tokens=max_new_tokens + 1,

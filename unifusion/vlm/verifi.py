@@ -94,6 +94,14 @@ def eos_token_ids(vlm: LoadedVLM) -> list[int]:
     return ids
 
 
+def pad_token_id(vlm: LoadedVLM) -> int | None:
+    """The id that pads rows: the tokenizer's pad token, else the first end-of-answer id (None if neither)."""
+    if vlm.tokenizer.pad_token_id is not None:
+        return int(vlm.tokenizer.pad_token_id)
+    eos = eos_token_ids(vlm)
+    return eos[0] if eos else None
+
+
 @contextlib.contextmanager
 def seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the RNG that sampling on `device` uses, and restore it (and the CPU's) on exit."""
@@ -189,7 +197,7 @@ def verifi_rewrite(
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt = _rewrite_prompt(vlm, text, images, system_prompt, max_new_tokens + 1, max_tiles)
     eos = eos_token_ids(vlm)
-    pad = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    pad = pad_token_id(vlm)
     prompt_length = prompt.input_ids.shape[1]
     criteria = StoppingCriteriaList([_Progress(progress, prompt_length, max_new_tokens)] if progress else [])
     kwargs = prompt.model_kwargs(device=vlm.device, dtype=vlm.dtype)
@@ -323,8 +331,8 @@ def _pad_rows(rows: Sequence[dict[str, Any]], vlm: LoadedVLM) -> dict[str, Any]:
     if len(rows) == 1:
         return dict(rows[0])
     width = max(row["input_ids"].shape[1] for row in rows)
-    eos = eos_token_ids(vlm)
-    pad_id = vlm.tokenizer.pad_token_id if vlm.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    pad = pad_token_id(vlm)
+    pad_id = 0 if pad is None else pad  # masked out: any id would do
     per_token = _per_token_keys(rows)
     out: dict[str, Any] = {}
     for key in dict.fromkeys(k for row in rows for k in row):
