@@ -286,3 +286,29 @@ def test_finetune_decoder_keeps_the_latents_and_the_cache_fingerprint():
     assert any(not torch.equal(v, model.taesd_decoder.state_dict()[k]) for k, v in decoder.items())
     assert float((after - images).pow(2).mean()) < float((before - images).pow(2).mean())
     assert not any(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_latent_noise_reaches_the_decoder_at_its_scale():
+    images = demo_images(8, 6, size=16)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(model: TinyAutoencoder) -> None:
+        encoded: list[torch.Tensor] = []
+        model.taesd_encoder.register_forward_hook(lambda m, i, out: encoded.append(out.detach()))
+        model.taesd_decoder.register_forward_pre_hook(lambda m, args: seen.append((encoded[-1], args[0].detach())))
+
+    torch.manual_seed(0)
+    model = TinyAutoencoder(4, width=4)
+    record(model)
+    train_vae(images, steps=2, seed=0, batch_size=4, model=model, latent_noise=0.5)
+    for clean, noisy in seen[:2]:
+        ratio = float((noisy - clean).std() / clean.std())
+        assert 0.3 < ratio < 0.7, ratio  # 0.5 latent standard deviations
+    seen.clear()
+    torch.manual_seed(0)
+    plain = TinyAutoencoder(4, width=4)
+    record(plain)
+    train_vae(images, steps=2, seed=0, batch_size=4, model=plain)
+    assert all(torch.equal(clean, decoded) for clean, decoded in seen[:2])  # off by default
+    with pytest.raises(ValueError, match="latent_noise must be >= 0"):
+        train_vae(images, steps=1, width=4, latent_noise=-0.1)

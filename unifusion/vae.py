@@ -328,6 +328,7 @@ def train_vae(
     foreground_weight: float = 0.0,
     edge_weight: float = 0.0,
     identity_blocks: Sequence[str] = (),
+    latent_noise: float = 0.0,
     callback: Callable[[int, float], None] | None = None,
 ) -> TinyAutoencoder:
     """Fit an autoencoder to ``images`` (N, 3, H, W) in [0, 1]: AdamW on MSE + l1_weight * L1,
@@ -340,9 +341,15 @@ def train_vae(
     during training, which makes steps cheaper while the file keeps ComfyUI's layout.
     ``crop`` trains on random crop x crop windows (a multiple of 8, on the latent grid): the
     network is convolutional, so small windows teach it the same thing at a fraction of the
-    cost. ``callback(step, loss)`` is called after every step. Deterministic for a given seed."""
+    cost. ``latent_noise`` adds Gaussian noise of that many latent standard deviations to the
+    latents the decoder sees: images that differ only a little (a small diamond and a small
+    circle) must then lie farther apart than the noise, which is what a diffusion model on these
+    latents needs to tell them apart at high noise levels. ``callback(step, loss)`` is called
+    after every step. Deterministic for a given seed."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+    if latent_noise < 0:
+        raise ValueError(f"latent_noise must be >= 0 (latent standard deviations), got {latent_noise}")
     size = min(images.shape[-2:])
     if crop is not None and (crop % DOWNSCALE or not DOWNSCALE <= crop <= size):
         raise ValueError(f"crop must be a multiple of {DOWNSCALE} between {DOWNSCALE} and {size}, got {crop}")
@@ -353,7 +360,8 @@ def train_vae(
             model = TinyAutoencoder(latent_channels, width)
         _zero_init_residuals(model)
     with _Bypassed(model, identity_blocks):
-        _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback)
+        _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback,
+             latent_noise)
     model.eval()
     calibrate_latents(model, images)
     return model
@@ -400,7 +408,7 @@ def _edge_error(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Generator, batch_size: int,
          lr: float, l1_weight: float, crop: int | None, foreground_weight: float, edge_weight: float,
-         callback: Callable[[int, float], None] | None) -> None:
+         callback: Callable[[int, float], None] | None, latent_noise: float = 0.0) -> None:
     """The optimisation loop of `train_vae`."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -423,7 +431,11 @@ def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Ge
             x = x[:, :, top:top + crop, left:left + crop]  # (B, 3, crop, crop)
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        out = model.taesd_decoder(model.taesd_encoder(x))  # (B, 3, H, W), unclamped
+        latent = model.taesd_encoder(x)  # (B, C, H/8, W/8)
+        if latent_noise:
+            noise = torch.randn(latent.shape, generator=gen).to(latent)
+            latent = latent + latent_noise * latent.detach().std() * noise
+        out = model.taesd_decoder(latent)  # (B, 3, H, W), unclamped
         err = out - x
         if foreground_weight:
             background = x.flatten(2).median(-1).values[:, :, None, None]  # (B, 3, 1, 1)
