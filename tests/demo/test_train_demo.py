@@ -44,6 +44,7 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     assert grid.width > 4 * 128 and grid.height > 3 * 128
     assert set(report["stages"]) == {"vlm", "vae", "cache", "t2i", "edit", "decoder", "ablations", "eval"}
     assert all(s["wall_s"] >= 0 for s in report["stages"].values())
+    assert {"exact", "psnr"} <= set(report["metrics"]["vae"]) and {"exact", "psnr"} <= set(report["metrics"]["decoder"])
     benchmark = report["metrics"]["benchmark"]
     assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
     assert report["libraries"] == library_versions()
@@ -92,8 +93,9 @@ def test_fingerprints_change_downstream_only():
     base = stage_fingerprints(quick_recipe())
     edit = stage_fingerprints(replace(quick_recipe(), edit_steps=9))
     assert [s for s in base if base[s] != edit[s]] == ["edit"]
-    vae = stage_fingerprints(replace(quick_recipe(), vae_steps=9))
-    assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "decoder", "ablation"]
+    for change in ({"vae_steps": 9}, {"vae_latent_noise": 0.5}):
+        vae = stage_fingerprints(replace(quick_recipe(), **change))
+        assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "decoder", "ablation"]
     decoder = stage_fingerprints(replace(quick_recipe(), decoder_steps=9))
     assert [s for s in base if base[s] != decoder[s]] == ["decoder"]
     layers = stage_fingerprints(replace(quick_recipe(), vlm_layers=(2,)))

@@ -55,7 +55,8 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
     model = train_vae(_vae_images(recipe), recipe.vae_steps, seed=recipe.seed, batch_size=recipe.vae_batch_size,
                       lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
                       foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
-                      identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else ())
+                      identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else (),
+                      latent_noise=recipe.vae_latent_noise)
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))

@@ -120,7 +120,7 @@ def library_versions() -> dict[str, str]:
 STAGE_PARAMS = {
     "vlm": ("seed", "vlm", "vlm_eval_count"),
     "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
-            "vae_foreground_weight", "vae_edge_weight", "vae_light"),
+            "vae_foreground_weight", "vae_edge_weight", "vae_light", "vae_latent_noise"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "verifi_true_rewrites",
               "cache_batch_size", "vlm_layers"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
@@ -280,7 +280,7 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
         started = time.monotonic()
         finished = _run_stages(out, recipe, work, log, timer, stack, jobs, stop_after, ablations)
         report["train_wall_s"] = round(time.monotonic() - started, 1)
-        report["metrics"].update({"vlm": log.metrics("vlm"), "vae": log.metrics("vae")})
+        report["metrics"].update({stage: log.metrics(stage) for stage in ("vlm", "vae", "decoder")})
         if finished and ((evaluate and recipe.eval_count) or grid is not None):
             with timer.stage("eval"):
                 report["metrics"]["benchmark"] = stage_eval(recipe.eval_count if evaluate else 0, out, grid, work)
