@@ -128,6 +128,19 @@ def test_edit_finetune_mixes_in_text_to_image_samples():
     assert _recipe_config(DemoRecipe(), "t2i").stage == "t2i"
 
 
+def test_each_dit_stage_takes_its_own_reconstruction_share():
+    """The edit finetune's reconstruction share is its own setting, and only the edit stage (the
+    last one) is redone when it changes."""
+    from unifusion.demo.stages import _recipe_config
+    from unifusion.demo.train_demo import stage_fingerprints
+
+    recipe = replace(DemoRecipe(), recon_prob=0.05, edit_recon_prob=0.4)
+    assert _recipe_config(recipe, "t2i").recon_prob == 0.05
+    assert _recipe_config(recipe, "edit").recon_prob == 0.4
+    before, after = stage_fingerprints(DemoRecipe()), stage_fingerprints(replace(DemoRecipe(), edit_recon_prob=0.9))
+    assert {stage for stage in before if before[stage] != after[stage]} == {"edit"}
+
+
 def test_arguments_override_the_recipe():
     args = build_parser().parse_args(["--t2i-steps", "7", "--vlm-steps", "5", "--seed", "2"])
     recipe = recipe_from_args(args)

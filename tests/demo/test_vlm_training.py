@@ -17,6 +17,7 @@ from unifusion.demo.vlm_training import (
     build_examples,
     collate_lm,
     demo_vocab,
+    frozen_modules,
     image_token_ids,
     lm_loss,
     normalise_rewrite,
@@ -141,3 +142,19 @@ def test_training_is_seeded(folder):
         torch.manual_seed(0)
         runs.append(train_lm(vlm, examples, VLMTrainConfig(steps=3, batch_size=4, warmup_steps=1, seed=1)))
     assert runs[0] == runs[1]
+
+
+def test_frozen_modules_keep_their_init_and_the_rest_learns(folder):
+    """The image path can stay at its seeded init while the language model learns; a name the
+    model does not have is an error, not a silent no-op."""
+    vlm = load_vlm(folder)
+    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    examples = build_examples(vlm, 4, seed=0, task_weights=(1, 0, 0))  # captions: images in every batch
+    train_lm(vlm, examples, VLMTrainConfig(steps=2, batch_size=4, warmup_steps=1, lr=1e-2,
+                                           frozen=("vision_tower", "multi_modal_projector")))
+    changed = {n for n, p in vlm.model.named_parameters() if not torch.equal(p, before[n])}
+    vision = {n for n in before if "vision_tower" in n or "multi_modal_projector" in n}
+    assert vision and not changed & vision
+    assert any("language_model" in n for n in changed)
+    with pytest.raises(ValueError, match="visual"):
+        frozen_modules(vlm.model, ("vision_tower", "visual"))
