@@ -49,7 +49,9 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     assert report["recipe"]["seed"] == 3 and "exact" in benchmark["t2i"]
     assert report["libraries"] == library_versions()
     assert {"ablation: deepest selected layer only", "ablation: mean of the selected layers",
-            "t2i before the edit finetune", "reconstruction, 4 tiles + thumbnail"} <= set(benchmark)
+            "t2i before the edit finetune", "reconstruction, 4 tiles + thumbnail",
+            "edit, one reference, Verifi rewrite", "compose, two references, Verifi rewrite"} <= set(benchmark)
+    assert {"success", "identity"} == set(benchmark["edit, one reference, Verifi rewrite"])
     for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
         assert read_checkpoint_header(work / "ablations" / f"{name}.safetensors").config.lap.pooling == pooling
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)

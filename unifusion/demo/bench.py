@@ -6,8 +6,9 @@ seeds every run (`grammar` test split, seed = prompt index):
 
 - text-to-image attribute accuracy (colour, shape, size, position, count) of the shipped model,
   with plain prompts and with the Verifi rewrite, and on colour/shape pairs never trained on;
-- single-reference edits (exact target, identity of the untouched shapes);
-- zero-shot two-reference composition, with the references and without them;
+- single-reference edits (exact target, identity of the untouched shapes), conditioned on the
+  instruction and image directly and through the VLM's Verifi rewrite of them;
+- zero-shot two-reference composition, with the references, through a Verifi rewrite, and without them;
 - ablations at equal training budget, when ``train-demo --ablations`` trained them: LAP against
   the deepest selected layer alone and against a mean of the selected layers, Verifi features
   in training against none, and text-to-image before against after the editing finetune;
@@ -101,7 +102,10 @@ def _model_rows(pipe: Any, count: int, steps: int) -> dict[str, dict[str, float]
     rows["t2i, held-out colour/shape pairs"] = evaluate_t2i(pipe, max(1, count // 2), verifi=False, split="heldout",
                                                            steps=steps)
     rows["edit, one reference"] = evaluate_edits(pipe, count, steps=steps)
+    rows["edit, one reference, Verifi rewrite"] = evaluate_edits(pipe, count, steps=steps, verifi=True)
     rows["compose, two references (zero-shot)"] = evaluate_compositions(pipe, max(1, count // 2), steps=steps)
+    rows["compose, two references, Verifi rewrite"] = evaluate_compositions(pipe, max(1, count // 2), steps=steps,
+                                                                            verifi=True)
     rows["compose, references removed"] = evaluate_compositions(pipe, max(1, count // 2), steps=steps,
                                                                 drop_references=True)
     for tiles in RECON_TILES:
