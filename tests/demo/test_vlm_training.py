@@ -156,5 +156,6 @@ def test_frozen_modules_keep_their_init_and_the_rest_learns(folder):
     vision = {n for n in before if "vision_tower" in n or "multi_modal_projector" in n}
     assert vision and not changed & vision
     assert any("language_model" in n for n in changed)
+    assert len(frozen_modules(vlm.model, ("mlp",))) == sum(n.endswith(".mlp") for n, _ in vlm.model.named_modules()) > 1
     with pytest.raises(ValueError, match="visual"):
         frozen_modules(vlm.model, ("vision_tower", "visual"))

@@ -224,11 +224,11 @@ def image_token_ids(vlm: LoadedVLM) -> tuple[int, ...]:
 def frozen_modules(model: torch.nn.Module, names: Sequence[str]) -> list[torch.nn.Module]:
     """The modules of ``model`` whose own name (the last part of the dotted path) is in ``names``,
     e.g. InternVL's "vision_tower" and "multi_modal_projector"; every name must be found."""
-    found = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
-    missing = [n for n in names if n not in found]
+    found = [(path.rsplit(".", 1)[-1], m) for path, m in model.named_modules() if path.rsplit(".", 1)[-1] in names]
+    missing = [n for n in names if n not in {name for name, _ in found}]
     if missing:
         raise ValueError(f"{type(model).__name__} has no module named {missing} to freeze")
-    return [found[n] for n in names]
+    return [m for _, m in found]
 
 
 def _lr(cfg: VLMTrainConfig, step: int) -> float:
