@@ -239,3 +239,12 @@ def test_splits_keep_heldout_pairs_apart():
         G.sample_t2i(1, 0, split="nope")
     with pytest.raises(G.GrammarError, match="unknown edit ops"):
         G.sample_edits(1, 0, ops=("rotate",))
+
+
+def test_mixed_scenes_are_seeded_and_every_fourth_repeats_one_look():
+    from unifusion.demo.world import mixed_scenes
+
+    scenes = mixed_scenes(40, seed=5)
+    assert scenes == mixed_scenes(40, seed=5) and scenes != mixed_scenes(40, seed=6)
+    assert all(len({s.look for s in scene}) == 1 for scene in scenes[::4])
+    assert any(len({s.look for s in scene}) > 1 for k, scene in enumerate(scenes) if k % 4)

@@ -13,7 +13,6 @@ scenes exactly (3,000 / 600 scenes); those of its random init, 99% and 98% (see
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -21,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .world import COLOURS, GRID, KINDS, SIZES, SPLIT_SEEDS, Scene, random_count_scene, random_scene, render
+from .world import COLOURS, GRID, KINDS, SIZES, SPLIT_SEEDS, Scene, mixed_scenes, render
 
 LOOKS = [(c, k, s) for c in COLOURS for k in KINDS for s in SIZES]  # class i + 1; class 0 is an empty cell
 
@@ -48,12 +47,6 @@ def image_tokens(vlm: Any, scenes: Sequence[Scene], batch: int = 256) -> torch.T
                 vision_feature_select_strategy=config.vision_feature_select_strategy)
             out.append(features.pooler_output.float())
     return torch.cat(out)
-
-
-def _scenes(count: int, seed: int) -> list[Scene]:
-    """Seeded scenes, a quarter of them count scenes (as the autoencoder trains on)."""
-    rng = random.Random(seed)
-    return [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(count)]
 
 
 def fit_readout(train: torch.Tensor, train_classes: torch.Tensor, test: torch.Tensor, epochs: int = 300,
@@ -96,7 +89,7 @@ def image_token_readout(vlm: Any, train: int = 3000, test: int = 600, seed: int 
     """Fit the read-out on ``train`` seeded scenes and score it on ``test`` others."""
     if train < 1 or test < 1:
         raise ValueError(f"train and test must be >= 1 scenes, got {train} and {test}")
-    fit, held = _scenes(train, seed), _scenes(test, seed + 1)
+    fit, held = mixed_scenes(train, seed), mixed_scenes(test, seed + 1)
     truth = torch.tensor([cell_classes(s) for s in held])
     predicted = fit_readout(image_tokens(vlm, fit), torch.tensor([cell_classes(s) for s in fit]),
                             image_tokens(vlm, held))

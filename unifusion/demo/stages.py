@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 import time
 from dataclasses import replace
@@ -23,7 +22,7 @@ from .evaluate import scene_pixels
 from .grammar import sample_edits, sample_t2i
 from .recipe import DemoRecipe, dit_config
 from .vlm_training import evaluate_rewrites, train_demo_vlm
-from .world import random_count_scene, random_scene, render
+from .world import mixed_scenes, render
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -66,8 +65,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
 
 def _vae_images(recipe: DemoRecipe) -> torch.Tensor:
     """The autoencoder's training scenes (a quarter of them count scenes), seeded by the recipe."""
-    rng = random.Random(recipe.seed)
-    return scene_pixels([random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(recipe.vae_images)])
+    return scene_pixels(mixed_scenes(recipe.vae_images, recipe.seed))
 
 
 def stage_decoder(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:

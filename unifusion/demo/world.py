@@ -162,6 +162,13 @@ def random_count_scene(rng: random.Random, count: int | None = None) -> Scene:
     return Scene(tuple(random_shape(rng, cell, look) for cell in cells))
 
 
+def mixed_scenes(count: int, seed: int) -> list[Scene]:
+    """``count`` seeded scenes, every 4th a count scene: the autoencoder's training mix, so that
+    repeated looks are as common as in the captions."""
+    rng = random.Random(seed)
+    return [random_count_scene(rng) if i % 4 == 0 else random_scene(rng) for i in range(count)]
+
+
 # Colour/kind pairs that never appear in the "train" split: the "heldout" split tests
 # whether a model composes attributes it has only seen apart.
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
