@@ -4,6 +4,7 @@ a full forward, and a model that learns one rewrite answers it through `verifi_r
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from unifusion.demo.vlm_training import (
     build_examples,
     collate_lm,
     demo_vocab,
+    evaluate_rewrites,
     frozen_modules,
     image_token_ids,
     lm_loss,
@@ -24,7 +26,8 @@ from unifusion.demo.vlm_training import (
     parse_rewrite,
     train_lm,
 )
-from unifusion.demo.world import random_scene
+from unifusion.demo import vlm_training
+from unifusion.demo.world import SPLIT_SEEDS, random_scene
 from unifusion.vlm.loader import load_vlm
 from unifusion.vlm.prompt import build_prompt
 from unifusion.vlm.tiny import build_tiny_vlm
@@ -159,3 +162,26 @@ def test_frozen_modules_keep_their_init_and_the_rest_learns(folder):
     assert len(frozen_modules(vlm.model, ("mlp",))) == sum(n.endswith(".mlp") for n, _ in vlm.model.named_modules()) > 1
     with pytest.raises(ValueError, match="visual"):
         frozen_modules(vlm.model, ("vision_tower", "visual"))
+
+
+def test_rewrite_colour_and_kind_rates_count_what_the_rewrite_keeps(monkeypatch, vlm):
+    """Rewrites that keep every colour but swap circles and squares: ``rewrite_colour`` is 1, ``rewrite_kind``
+    the share of the prompts' shapes that are neither (rewrites of anything else do not parse)."""
+    count = 12
+    samples = sample_t2i(count, SPLIT_SEEDS["val"])
+    assert len({s.caption for s in samples}) == count
+    swapped = {s.caption: s.detailed.replace("circle", "@").replace("square", "circle").replace("@", "square")
+               for s in samples}
+
+    def fake_batch(_vlm, texts, images, **_kw):
+        return [SimpleNamespace(text=swapped.get(t, "") if not imgs else "") for t, imgs in zip(texts, images)]
+
+    monkeypatch.setattr(vlm_training, "verifi_rewrite_batch", fake_batch)
+    metrics = evaluate_rewrites(vlm, count)
+    kept = [sh.kind not in ("circle", "square") for s in samples for sh in s.scene.shapes]
+    per_prompt = [sum(sh.kind not in ("circle", "square") for sh in s.scene.shapes) / len(s.scene.shapes)
+                  for s in samples]
+    assert 0 < sum(kept) < len(kept)
+    assert metrics["rewrite_colour"] == 1.0
+    assert metrics["rewrite_kind"] == pytest.approx(sum(per_prompt) / count)
+    assert metrics["caption_parsed"] == 0.0

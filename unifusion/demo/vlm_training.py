@@ -314,7 +314,9 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
     ``rewrite_exact``: fully specified captions whose rewrite parses to the right scene
     (``rewrite_heldout_exact``: the same for colour/kind pairs never seen in training);
     ``rewrite_consistent``: all captions whose rewrite agrees with every attribute the caption
-    states; ``caption_exact``: images described exactly; ``edit_exact``: source image +
+    states; ``rewrite_colour`` / ``rewrite_kind``: the share of the captions' shapes whose colour / kind
+    the rewrite keeps, each matched to its partner by every attribute the caption states (an
+    unparsed rewrite keeps none); ``caption_exact``: images described exactly; ``edit_exact``: source image +
     instruction rewritten to exactly the edited scene; ``*_parsed``: rewrites that parse."""
     def rewrite(texts: list[str], images: list[list[Any]]) -> list[Optional[Scene]]:
         out = []
@@ -323,7 +325,7 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
                                         max_new_tokens=max_new_tokens, max_tiles=1)
         return [parse_rewrite(r.text) for r in out]
 
-    def rate(values: list[bool]) -> float:
+    def rate(values: Sequence[float]) -> float:
         return sum(values) / max(len(values), 1)
 
     out: dict[str, float] = {}
@@ -334,6 +336,9 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
     out["rewrite_consistent"] = rate([got is not None and score_scene(s.scene, got, s.mentions)["exact"] == 1.0
                                       for s, got in zip(t2i, scenes)])
     out["rewrite_parsed"] = rate([got is not None for got in scenes])
+    for attr in ("colour", "kind"):
+        out[f"rewrite_{attr}"] = rate([score_scene(s.scene, got, s.mentions).get(attr, 1.0) if got is not None
+                                       else 0.0 for s, got in zip(t2i, scenes)])
     held = [s for s in sample_t2i(count, seed + 3, split="heldout") if {"size", "position"} <= set(s.mentions)]
     out["rewrite_heldout_exact"] = rate([got == s.scene for s, got in zip(held, rewrite(
         [s.caption for s in held], [[] for _ in held]))])
