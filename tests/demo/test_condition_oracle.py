@@ -17,7 +17,8 @@ from unifusion.vae import TinyAutoencoder
 
 def _sample() -> T2ISample:
     scene = Scene((Shape("blue", "triangle", "large", 2, 1), Shape("red", "circle", "small", 0, 0)))
-    return T2ISample(scene, "a red circle and a blue triangle", detailed(scene), ("colour", "kind", "count"))
+    return T2ISample(scene, "a red circle and a blue triangle", detailed(scene), ("colour", "kind", "count"),
+                     detailed(scene))
 
 
 def test_shape_tokens_bind_each_shapes_attributes() -> None:

@@ -12,13 +12,16 @@ from unifusion.demo.stages import demo_records
 
 def test_records_carry_the_scene_as_their_rewrite() -> None:
     recipe = replace(quick_recipe(), t2i_samples=5, edit_samples=3, verifi_true_rewrites=True)
+    recipe = replace(recipe, vlm=replace(recipe.vlm, named_order=True))
     records = demo_records(recipe)
     t2i, edits = records[:5], records[5:]
     assert [r.kind for r in records] == ["t2i"] * 5 + ["edit"] * 3
     for record, sample in zip(t2i, sample_t2i(5, recipe.seed, split="train")):
-        assert record.caption == sample.caption and record.rewrite == sample.detailed
+        assert record.caption == sample.caption and record.rewrite == sample.rewrite  # worded as the VLM rewrites
         assert parse_detailed(record.rewrite) == read_scene(record.image) == sample.scene  # it describes the image
     for record, sample in zip(edits, sample_edits(3, recipe.seed + 1, split="train")):
         assert record.instruction == sample.instruction and parse_detailed(record.rewrite) == sample.target
+    row_major = demo_records(replace(recipe, vlm=replace(recipe.vlm, named_order=False)))
+    assert [r.rewrite for r in row_major[:5]] == [s.detailed for s in sample_t2i(5, recipe.seed, split="train")]
     written = demo_records(replace(recipe, verifi_true_rewrites=False))
     assert all(r.rewrite is None for r in written) and [r.text for r in written] == [r.text for r in records]

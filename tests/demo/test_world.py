@@ -10,6 +10,7 @@ import pytest
 from unifusion.demo import grammar as G
 from unifusion.demo.world import (
     BACKGROUND,
+    COLOURS,
     HELDOUT_PAIRS,
     KINDS,
     PALETTE,
@@ -96,6 +97,7 @@ def _all_texts():
     for s in G.sample_t2i(300, 1):
         yield s.caption
         yield s.detailed
+        yield s.rewrite
     for e in G.sample_edits(300, 2):
         yield e.instruction
         yield e.detailed
@@ -248,3 +250,17 @@ def test_mixed_scenes_are_seeded_and_every_fourth_repeats_one_look():
     assert scenes == mixed_scenes(40, seed=5) and scenes != mixed_scenes(40, seed=6)
     assert all(len({s.look for s in scene}) == 1 for scene in scenes[::4])
     assert any(len({s.look for s in scene}) > 1 for k, scene in enumerate(scenes) if k % 4)
+
+
+def test_rewrite_lists_the_shapes_in_the_order_the_caption_names_them():
+    """`T2ISample.rewrite` describes the same scene as `detailed`, in the caption's order."""
+    colour_kind = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(KINDS) + r")s?\b")
+    reordered = 0
+    for s in G.sample_t2i(300, 3):
+        assert G.parse_detailed(s.rewrite) == G.parse_detailed(s.detailed) == s.scene
+        if "position" in s.mentions:
+            named = [m.groups() for m in colour_kind.finditer(s.caption)]
+            listed = [m.groups() for m in colour_kind.finditer(s.rewrite)]
+            assert listed == named, (s.caption, s.rewrite)
+            reordered += s.rewrite != s.detailed
+    assert reordered > 30

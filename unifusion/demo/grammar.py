@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from .world import (
     COLOURS,
@@ -97,11 +98,17 @@ def _join(items: list[str]) -> str:
 def detailed(scene: Scene) -> str:
     """Canonical full description, shapes in row-major order:
     'two shapes: a large red circle in the top left, a small blue square in the center.'"""
-    n = len(scene)
+    return listing(scene.shapes)
+
+
+def listing(shapes: Sequence[Shape]) -> str:
+    """The detailed description's wording with the shapes in the order given (`parse_detailed`
+    reads any order back into the same scene)."""
+    n = len(shapes)
     if n == 0:
         return "no shapes."
     head = f"{NUMBERS[n]} {'shape' if n == 1 else 'shapes'}"
-    return head + ": " + ", ".join(shape_phrase(s) for s in scene) + "."
+    return head + ": " + ", ".join(shape_phrase(s) for s in shapes) + "."
 
 
 _SHAPE_RE = re.compile(
@@ -161,18 +168,27 @@ def _plural_phrase(shape: Shape, n: int, rng: random.Random, size: bool) -> str:
 def caption(scene: Scene, rng: random.Random, size: bool = True, position: bool = True) -> str:
     """A paraphrased prompt listing the shapes in random order, optionally without sizes or
     positions; without positions, alike shapes are counted ('two red circles')."""
+    return named_caption(scene, rng, size, position)[0]
+
+
+def named_caption(scene: Scene, rng: random.Random, size: bool = True, position: bool = True,
+                  ) -> tuple[str, tuple[Shape, ...]]:
+    """`caption`, and the scene's shapes in the order it names them (each counted group in
+    row-major order): the order a rewrite can copy them in."""
     shapes = list(scene)
     rng.shuffle(shapes)
     if position:
         phrases = [shape_phrase(s, rng, size=size) for s in shapes]
+        named = tuple(shapes)
     else:
         groups: dict[tuple[str, ...], list[Shape]] = {}
         for s in shapes:
             groups.setdefault((s.colour, s.kind) + ((s.size,) if size else ()), []).append(s)
         phrases = [_plural_phrase(g[0], len(g), rng, size) for g in groups.values()]
+        named = tuple(s for g in groups.values() for s in sorted(g, key=lambda s: s.cell))
     text = _join(phrases)
     prefix = rng.choice(("", "", "an image of ", "a picture of "))
-    return prefix + text
+    return prefix + text, named
 
 
 def reference(scene: Scene, index: int, rng: random.Random | None = None) -> str:
@@ -238,12 +254,15 @@ def composition_instruction(refs: list[str], cells: list[tuple[int, int]], rng: 
 
 @dataclass(frozen=True)
 class T2ISample:
-    """A text-to-image example; ``mentions`` lists the attributes the caption states."""
+    """A text-to-image example; ``mentions`` lists the attributes the caption states.
+    ``detailed`` lists the scene row-major (what a caption of its image says), ``rewrite`` in the
+    order the caption names the shapes (what a rewrite of the caption can copy along)."""
 
     scene: Scene
     caption: str
     detailed: str
     mentions: tuple[str, ...]
+    rewrite: str
 
 
 @dataclass(frozen=True)
@@ -299,13 +318,13 @@ def _t2i(rng: random.Random) -> tuple[T2ISample, list[Scene]]:
         if rng.random() < 0.7:
             text = count_caption(scene, rng, size=with_size)
             mentions = ("colour", "kind", "count") + (("size",) if with_size else ())
-            return T2ISample(scene, text, detailed(scene), mentions), [scene]
+            return T2ISample(scene, text, detailed(scene), mentions, detailed(scene)), [scene]
     else:
         scene = random_scene(rng)
     with_position = rng.random() < 0.85
-    text = caption(scene, rng, size=with_size, position=with_position)
+    text, named = named_caption(scene, rng, size=with_size, position=with_position)
     mentions = ("colour", "kind", "count") + (("size",) if with_size else ()) + (("position",) if with_position else ())
-    return T2ISample(scene, text, detailed(scene), mentions), [scene]
+    return T2ISample(scene, text, detailed(scene), mentions, listing(named)), [scene]
 
 
 def sample_t2i(n: int, seed: int, split: str = "all") -> list[T2ISample]:

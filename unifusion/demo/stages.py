@@ -106,8 +106,10 @@ def demo_records(recipe: DemoRecipe) -> list[Any]:
 
     t2i = sample_t2i(recipe.t2i_samples, recipe.seed, split="train")
     edits = sample_edits(recipe.edit_samples, recipe.seed + 1, split="train")
-    true = recipe.verifi_true_rewrites  # each sample's detailed scene as its Verifi answer
-    return (t2i_from_samples([(render(s.scene), s.caption) + ((s.detailed,) if true else ()) for s in t2i],
+    true = recipe.verifi_true_rewrites  # each sample's true scene, worded as the VLM rewrites, as its Verifi answer
+    named = recipe.vlm.named_order
+    return (t2i_from_samples([(render(s.scene), s.caption) + (((s.rewrite if named else s.detailed),) if true else ())
+                              for s in t2i],
                              name="demo_t2i")
             + edit_from_samples([([render(e.source)], e.instruction, render(e.target)) + ((e.detailed,) if true else ())
                                  for e in edits], name="demo_edit"))

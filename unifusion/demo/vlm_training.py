@@ -93,6 +93,9 @@ class VLMTrainConfig:
     task_weights: tuple[float, float, float] = (0.2, 0.6, 0.2)  # caption, rewrite, edit
     no_system_prob: float = 0.2  # share of examples without the system prompt
     split: str = "train"  # held-out colour/kind pairs stay unseen (see world.HELDOUT_PAIRS)
+    # Rewrites of a prompt list its shapes in the order the prompt names them (`T2ISample.rewrite`), so the
+    # model copies them along; False: row-major, as captions of images do (`T2ISample.detailed`).
+    named_order: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -124,8 +127,10 @@ def _example(vlm: LoadedVLM, content: list[Any], answer: str, system: Optional[s
 
 
 def build_examples(vlm: LoadedVLM, count: int, seed: int, task_weights: Sequence[float] = (0.3, 0.45, 0.25),
-                   no_system_prob: float = 0.2, split: str = "all") -> list[LMExample]:
-    """``count`` examples drawn from seeded grammar streams; the task of each from ``task_weights``."""
+                   no_system_prob: float = 0.2, split: str = "all", named_order: bool = True) -> list[LMExample]:
+    """``count`` examples drawn from seeded grammar streams; the task of each from ``task_weights``.
+    Captions answer with the row-major description; rewrites with ``T2ISample.rewrite`` when
+    ``named_order``, else the same row-major one."""
     rng = random.Random(seed)
     tasks = rng.choices(TASKS, weights=task_weights, k=count)
     n = {t: tasks.count(t) for t in TASKS}
@@ -139,8 +144,10 @@ def build_examples(vlm: LoadedVLM, count: int, seed: int, task_weights: Sequence
             out.append(_example(vlm, [render(e.source), e.instruction], e.detailed, system, task))
             continue
         s = next(t2i)
-        content = [render(s.scene)] if task == "caption" else [s.caption]
-        out.append(_example(vlm, content, s.detailed, system, task))
+        if task == "caption":
+            out.append(_example(vlm, [render(s.scene)], s.detailed, system, task))
+        else:
+            out.append(_example(vlm, [s.caption], s.rewrite if named_order else s.detailed, system, task))
     return out
 
 
@@ -289,7 +296,7 @@ def train_demo_vlm(folder: str | Path, cfg: VLMTrainConfig = VLMTrainConfig(),
     vlm = load_vlm(folder)
     start = time.monotonic()
     examples = build_examples(vlm, cfg.pool_size, SPLIT_SEEDS["train"] + cfg.seed, cfg.task_weights,
-                              cfg.no_system_prob, cfg.split)
+                              cfg.no_system_prob, cfg.split, cfg.named_order)
     logger.info("built %d VLM training examples in %.1fs", len(examples), time.monotonic() - start)
     def on_step(step: int, loss: float) -> None:
         if callback is not None:
