@@ -133,7 +133,7 @@ def _example(vlm: LoadedVLM, content: list[Any], answer: str, system: Optional[s
 
 
 def build_examples(vlm: LoadedVLM, count: int, seed: int, task_weights: Sequence[float] = (0.3, 0.45, 0.25),
-                   no_system_prob: float = 0.2, split: str = "all", named_order: bool = True) -> list[LMExample]:
+                   no_system_prob: float = 0.2, split: str = "all", named_order: bool = False) -> list[LMExample]:
     """``count`` examples drawn from seeded grammar streams; the task of each from ``task_weights``.
     Captions answer with the row-major description; rewrites with ``T2ISample.rewrite`` when
     ``named_order``, else the same row-major one."""
@@ -346,12 +346,11 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
     scenes = rewrite([s.caption for s in t2i], [[] for _ in t2i])
     full = [(s, got) for s, got in zip(t2i, scenes) if {"size", "position"} <= set(s.mentions)]
     out["rewrite_exact"] = rate([got == s.scene for s, got in full])
-    out["rewrite_consistent"] = rate([got is not None and score_scene(s.scene, got, s.mentions)["exact"] == 1.0
-                                      for s, got in zip(t2i, scenes)])
+    scores = [score_scene(s.scene, got, s.mentions) if got is not None else None for s, got in zip(t2i, scenes)]
+    out["rewrite_consistent"] = rate([sc is not None and sc["exact"] == 1.0 for sc in scores])
     out["rewrite_parsed"] = rate([got is not None for got in scenes])
     for attr in ("colour", "kind"):
-        out[f"rewrite_{attr}"] = rate([score_scene(s.scene, got, s.mentions).get(attr, 1.0) if got is not None
-                                       else 0.0 for s, got in zip(t2i, scenes)])
+        out[f"rewrite_{attr}"] = rate([sc.get(attr, 1.0) if sc is not None else 0.0 for sc in scores])
     held = [s for s in sample_t2i(count, seed + 3, split="heldout") if {"size", "position"} <= set(s.mentions)]
     out["rewrite_heldout_exact"] = rate([got == s.scene for s, got in zip(held, rewrite(
         [s.caption for s in held], [[] for _ in held]))])
