@@ -83,7 +83,8 @@ def check_vlm(model: comfy.model_patcher.ModelPatcher, vlm: comfy.model_patcher.
 def lap_conditioning(model: comfy.model_patcher.ModelPatcher, features: ConditionFeatures,
                      layer_gains: str = "") -> list:
     """Run the MODEL's LAP + refiner once on the kept tokens -> CONDITIONING
-    ``[[tokens (B, S, D), {"attention_mask": (B, S) long}]]``."""
+    ``[[tokens (B, S, D), {"attention_mask": (B, S) long, "image_positions": (B, S, 2) float}]]``
+    (where each image token lies on its image's frame grid, NaN for text)."""
     config, name = unifusion_config(model), checkpoint_name(model)
     check_vlm_identity(config.vlm, features.vlm, name)
     positions = layer_positions(config.vlm.selected_layers, features.features.layers, name)
@@ -98,4 +99,6 @@ def lap_conditioning(model: comfy.model_patcher.ModelPatcher, features: Conditio
     tokens = model.model.diffusion_model.encode_condition(feats.to(device=device, dtype=dtype), mask.to(device),
                                                           gains_t)  # (B, S', D)
     out = comfy.model_management.intermediate_device()
-    return [[tokens.to(device=out, dtype=torch.float32), {"attention_mask": mask.to(device=out, dtype=torch.long)}]]
+    places = features.features.condition_positions()  # (B, S', 2)
+    return [[tokens.to(device=out, dtype=torch.float32), {"attention_mask": mask.to(device=out, dtype=torch.long),
+                                                          "image_positions": places.to(device=out)}]]

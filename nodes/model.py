@@ -78,7 +78,8 @@ class UniFusionDiffusionModel(UniFusionModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 control: Any = None, transformer_options: Optional[dict] = None,
-                context_mask: Optional[torch.Tensor] = None, **_: Any) -> torch.Tensor:
+                context_mask: Optional[torch.Tensor] = None, context_positions: Optional[torch.Tensor] = None,
+                **_: Any) -> torch.Tensor:
         problem = nonfinite_problem(x, context, transformer_options)
         if problem:
             raise InputError(problem)
@@ -87,7 +88,12 @@ class UniFusionDiffusionModel(UniFusionModel):
         if mask is not None and context is not None and mask.shape[1] < context.shape[1]:
             # ConditioningConcat appends tokens but keeps the first condition's mask: they are real.
             mask = F.pad(mask, (0, context.shape[1] - mask.shape[1]), value=True)  # (B, S)
-        return self.dit(x, timesteps, context, mask)  # (B, C, H, W)
+        if context_positions is not None and context is not None and context_positions.shape[1] != context.shape[1]:
+            # ... and the first condition's positions: the appended tokens get no place (NaN).
+            extra = context.shape[1] - context_positions.shape[1]
+            context_positions = (F.pad(context_positions.float(), (0, 0, 0, extra), value=float("nan")) if extra > 0
+                                 else context_positions[:, : context.shape[1]])
+        return self.dit(x, timesteps, context, mask, context_positions)  # (B, C, H, W)
 
 
 class UniFusionModelConfig(comfy.supported_models_base.BASE):
@@ -104,7 +110,8 @@ class UniFusionModelConfig(comfy.supported_models_base.BASE):
 
 class UniFusionBaseModel(comfy.model_base.BaseModel):
     """Conditioning: the CONDITIONING tensor is the condition tokens (B, S, D); its
-    ``attention_mask`` (B, S) marks real tokens. Both batch with CONDRegular (no token repeats)."""
+    ``attention_mask`` (B, S) marks real tokens and ``image_positions`` (B, S, 2) places image tokens
+    on the frame. All batch with CONDRegular (no token repeats)."""
 
     def __init__(self, model_config: UniFusionModelConfig, model_type=comfy.model_base.ModelType.FLOW,
                  device=None) -> None:
@@ -121,6 +128,9 @@ class UniFusionBaseModel(comfy.model_base.BaseModel):
         mask = kwargs.get("attention_mask")
         if mask is not None:
             out["context_mask"] = comfy.conds.CONDRegular(mask)
+        positions = kwargs.get("image_positions")
+        if positions is not None:
+            out["context_positions"] = comfy.conds.CONDRegular(positions)
         return out
 
     def memory_required(self, input_shape: list[int], cond_shapes: dict = {}) -> float:  # noqa: B006 (ComfyUI's signature)

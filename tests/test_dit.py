@@ -214,3 +214,35 @@ def test_predict_x0_survives_the_checkpoint_config_and_defaults_off_for_older_fi
     del raw["dit"]["predict_x0"]  # a checkpoint written before the option existed
     assert UniFusionConfig.from_json(json.dumps(raw)).dit.predict_x0 is False
     assert "predict_x0" in asdict(CFG)
+
+
+def test_placed_condition_tokens_take_the_latent_row_and_column_they_lie_over():
+    from unifusion.dit import place_condition_tokens
+
+    ids = UniFusionDiT._position_ids(1, 3, 8, 8, None, torch.device("cpu"))
+    nan = float("nan")
+    places = torch.tensor([[[0.125, 0.875], [nan, nan], [0.5, 0.0625]]])  # a 4x4 grid's first row/last column
+    placed = place_condition_tokens(ids, places, 8, 8)
+    assert placed[0, :3].tolist() == [[0.0, 0.5, 6.5], [1.0, 0.0, 0.0], [2.0, 3.5, 0.0]]
+    assert torch.equal(placed[:, 3:], ids[:, 3:])  # the latent tokens keep theirs
+
+
+def test_image_positions_move_only_placed_tokens_and_are_off_by_default(model):
+    from dataclasses import replace
+
+    placer = UniFusionDiT(replace(CFG, image_positions=True)).eval()
+    assert placer.state_dict().keys() == model.state_dict().keys()  # the same file layout
+    placer.load_state_dict(model.state_dict())
+    x, t, ctx = inputs()
+    nowhere = torch.full((2, 3, 2), float("nan"))
+    somewhere = nowhere.clone()
+    somewhere[:, 1] = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        plain = model(x, t, ctx)
+        torch.testing.assert_close(model(x, t, ctx, None, somewhere), plain)  # off: ignored
+        torch.testing.assert_close(placer(x, t, ctx, None, nowhere), plain)  # nothing placed: as before
+        moved = placer(x, t, ctx, None, somewhere)
+        assert not torch.allclose(moved, plain, atol=1e-4)
+        torch.testing.assert_close(placer(x, t, ctx, None, somewhere[:1]), moved)  # one row serves the batch
+    with pytest.raises(InputError, match="context_positions must be"):
+        placer(x, t, ctx, None, torch.zeros(2, 4, 2))

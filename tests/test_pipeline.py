@@ -120,3 +120,22 @@ def test_cli_generate_and_edit_write_pngs(files, tmp_path, capsys):
     assert "not a multiple" in capsys.readouterr().err
     assert cli_main(["info", str(files["checkpoint"])]) == 0
     assert "InternVLForConditionalGeneration" in capsys.readouterr().out
+
+
+def test_reference_tokens_carry_their_place_to_a_placing_dit(pipe):
+    """Each reference's frame tokens come with their place; a DiT with image_positions samples
+    another image from them than from the same tokens without places, and text-only prompts
+    have no placed tokens."""
+    from dataclasses import replace
+
+    condition = pipe.encode("make it blue", [Image.new("RGB", (64, 64), (255, 0, 0))], max_tiles=1)
+    placed = torch.isfinite(condition.positions).all(dim=-1)
+    assert placed.shape == condition.mask.shape and int(placed.sum()) == 16
+    assert not torch.isfinite(pipe.encode("a red circle").positions).any()
+    config = replace(pipe.config, dit=replace(pipe.config.dit, image_positions=True))
+    model = UniFusionModel(config).eval()
+    model.load_state_dict(pipe.model.state_dict())
+    placing = UniFusionPipeline(pipe.vlm, model, config, pipe.vae)
+    with_places = _arr(placing.sample(condition, 64, 64, steps=2, seed=1)[0])
+    without = _arr(placing.sample(replace(condition, positions=None), 64, 64, steps=2, seed=1)[0])
+    assert np.abs(with_places - without).max() > 0

@@ -123,6 +123,11 @@ class DiTConfig:
     # noise-dominated velocity, whose x0 part is a small share at high noise. t is floored at
     # X0_MIN_T in that division.
     predict_x0: bool = False
+    # Image tokens that cover the whole frame in a grid (InternVL's single tile or thumbnail, a Qwen
+    # image) take the RoPE row/column of the latent tokens they lie over, so a latent token finds the
+    # part of a reference image at its own place by relative position instead of from the VLM's
+    # features alone (the condition index axis is unchanged). Needs ``context_positions``.
+    image_positions: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes", tuple(int(a) for a in self.rope_axes))

@@ -48,6 +48,18 @@ def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: floa
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 
+def place_condition_tokens(ids: Tensor, positions: Tensor, h: int, w: int) -> Tensor:
+    """RoPE ids (B, S+N, 3) with the condition tokens that have a place (finite ``positions``
+    (B, S, 2), fractions of the frame) moved to the latent row/column they lie over: the centre
+    fraction f of an h-row grid sits at row ``f * h - 0.5``, between the latent rows it covers."""
+    s = positions.shape[1]
+    placed = torch.isfinite(positions).all(dim=-1, keepdim=True)  # (B, S, 1)
+    grid = positions.float().nan_to_num(0.0) * positions.new_tensor([h, w], dtype=torch.float32) - 0.5
+    cond = ids[:, :s]
+    cond = torch.cat([cond[..., :1], torch.where(placed, grid.to(cond.device), cond[..., 1:])], dim=-1)
+    return torch.cat([cond, ids[:, s:]], dim=1)
+
+
 def grid_position_embedding(height: int, width: int, dim: int, theta: float, device=None) -> Tensor:
     """(H*W, dim) sin/cos of each token's (row, column), half the channels per axis, frequencies
     from 1 down to 1/theta (row-major like the token order)."""
@@ -177,7 +189,11 @@ class UniFusionDiT(nn.Module):
         timesteps: Tensor,
         context: Optional[Tensor] = None,
         context_mask: Optional[Tensor] = None,
+        context_positions: Optional[Tensor] = None,
     ) -> Tensor:
+        """``context_positions`` (B, S, 2): where each condition token lies in the frame, as (row,
+        column) fractions of its height and width (token centres), NaN for tokens without a place
+        (text, tiles of a part of an image). Used when ``cfg.image_positions`` is on."""
         b, c_in, height, width = x.shape
         p = self.cfg.patch_size
         if c_in != self.cfg.in_channels:
@@ -195,6 +211,8 @@ class UniFusionDiT(nn.Module):
         context, context_mask = self._check_context(context, context_mask, img)
         s = context.shape[1]
         ids = self._position_ids(b, s, h, w, context_mask, img.device)  # (B, S+N, 3)
+        if self.cfg.image_positions and context_positions is not None and s > 0:
+            ids = place_condition_tokens(ids, self._check_positions(context_positions, b, s), h, w)
         freqs = rope_frequencies(ids, self.cfg.rope_axes, self.cfg.rope_theta)  # (B, 1, S+N, hd/2, 2, 2)
         bias = None
         if context_mask is not None and s > 0 and not bool(context_mask.all()):
@@ -239,6 +257,15 @@ class UniFusionDiT(nn.Module):
                 f"got {tuple(mask.shape)} {mask.dtype}"
             )
         return context.to(img.dtype), mask
+
+    @staticmethod
+    def _check_positions(positions: Tensor, b: int, s: int) -> Tensor:
+        if positions.ndim != 3 or positions.shape[0] not in (1, b) or positions.shape[1:] != (s, 2):
+            raise InputError(
+                f"UniFusionDiT context_positions must be (B={b}, S={s}, 2) (row, column) fractions, "
+                f"got {tuple(positions.shape)}; they come with the condition tokens of the same prompt"
+            )
+        return positions.expand(b, -1, -1)
 
     @staticmethod
     def _position_ids(b: int, s: int, h: int, w: int, mask: Optional[Tensor], device: torch.device) -> Tensor:

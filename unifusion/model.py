@@ -45,9 +45,11 @@ class UniFusionModel(nn.Module):
         timesteps: Tensor,
         context: Optional[Tensor] = None,
         context_mask: Optional[Tensor] = None,
+        context_positions: Optional[Tensor] = None,
     ) -> Tensor:
-        """Velocity ``v ~ noise - x0`` for the noised latent ``x (B, C, H, W)`` at ``timesteps (B,)``."""
-        return self.dit(x, timesteps, context, context_mask)
+        """Velocity ``v ~ noise - x0`` for the noised latent ``x (B, C, H, W)`` at ``timesteps (B,)``;
+        ``context_positions`` (B, S, 2): see `UniFusionDiT.forward`."""
+        return self.dit(x, timesteps, context, context_mask, context_positions)
 
     @staticmethod
     def null_condition(like: Tensor) -> Tensor:

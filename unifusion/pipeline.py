@@ -44,6 +44,7 @@ class Condition:
     tokens: Tensor  # (B, S, D)
     mask: Tensor  # (B, S) bool, True = real token
     rewritten: Optional[str] = None  # Verifi's rewritten prompt, when Verifi ran
+    positions: Optional[Tensor] = None  # (B, S, 2) frame positions of image tokens (VLMFeatures.condition_positions)
 
 
 def condition_from_features(
@@ -122,7 +123,7 @@ class UniFusionPipeline:
             features = encode(self.vlm, prompt, images, max_tiles=max_tiles, system_prompt=system_prompt,
                               progress=progress)
         tokens, mask = condition_from_features(self.model, features, layer_gains)
-        return Condition(tokens, mask, rewritten)
+        return Condition(tokens, mask, rewritten, features.condition_positions().to(tokens.device))
 
     def sample(
         self,
@@ -146,10 +147,14 @@ class UniFusionPipeline:
                            for i in range(batch_size)]).to(device=param.device, dtype=param.dtype)
         tokens = condition.tokens.expand(batch_size, -1, -1) if condition.tokens.shape[0] == 1 else condition.tokens
         mask = condition.mask.expand(batch_size, -1) if condition.mask.shape[0] == 1 else condition.mask
+        positions = condition.positions
+        if positions is not None and positions.shape[0] == 1:
+            positions = positions.expand(batch_size, -1, -1)
         schedule = sampling_schedule(steps, shift if shift is not None else self.sampling_shift)
 
-        def velocity(x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
-            return self.model(x, t.to(x.dtype), context, context_mask)
+        def velocity(x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor,
+                     context_positions: Optional[Tensor] = None) -> Tensor:
+            return self.model(x, t.to(x.dtype), context, context_mask, context_positions)
 
         def callback(step: int, total: int, _x: Tensor) -> None:
             if progress is not None:
@@ -158,8 +163,9 @@ class UniFusionPipeline:
         with torch.no_grad():
             latents = euler_sample(
                 velocity, noise, schedule, cfg_scale=cfg_scale, callback=callback,
-                uncond_kwargs={"context": UniFusionModel.null_condition(tokens), "context_mask": mask},
-                context=tokens, context_mask=mask,
+                uncond_kwargs={"context": UniFusionModel.null_condition(tokens), "context_mask": mask,
+                               "context_positions": positions},
+                context=tokens, context_mask=mask, context_positions=positions,
             )
             pixels = self.vae.decode(latents.float())  # (B, 3, H, W) in [0, 1]
         return [to_pil(p) for p in pixels]

@@ -141,3 +141,60 @@ def test_comfyui_matches_the_library_pipeline(server: ComfyServer, workflows_dir
     images, _ = pipe.generate(text, width=IMAGE_SIZE, height=IMAGE_SIZE, steps=TEST_STEPS, cfg_scale=4.0, seed=5)
     ours = np.asarray(images[0].convert("RGB")).astype(np.float64)
     assert np.abs(comfy_image - ours).max() <= 2.0
+
+
+def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path_factory: pytest.TempPathFactory
+                                                   ) -> None:
+    """A reference edit through the nodes and the native KSampler equals the library's: the
+    reference tokens reach the DiT with their places (without them the library draws another picture)."""
+    from dataclasses import replace
+
+    pipeline = pytest.importorskip("unifusion.pipeline")
+    from safetensors.torch import load_file
+
+    from unifusion.checkpoint import read_checkpoint_header, save_checkpoint
+
+    files = ensure_tiny_files(server, tmp_path_factory)
+    # The tiny model's attention barely moves its output; sharpen it so that places show in the picture.
+    weights = {k: v * (4.0 if k.endswith(("q_norm.weight", "k_norm.weight")) else 8.0 if k.endswith("attn.proj.weight")
+                       else 1.0) for k, v in load_file(str(files.checkpoint)).items()}
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("placing") / "placing.safetensors", weights,
+                                 read_checkpoint_header(files.checkpoint).config)
+    server.link_model("diffusion_models", checkpoint)
+    source = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (250, 250, 250))
+    source.paste((220, 30, 30), (8, 8, 30, 30))
+    server.input_dir.mkdir(parents=True, exist_ok=True)
+    source.save(server.input_dir / "parity_reference.png")
+    text, seed = "make the red square blue", 9
+    prompt = {
+        "vlm": {"class_type": "UniFusionVLMLoader", "inputs": {"vlm": "unifusion-demo-vlm", "dtype": "default",
+                                                               "layers": "paper"}},
+        "model": {"class_type": "UniFusionModelLoader", "inputs": {"checkpoint": "placing.safetensors",
+                                                                   "weight_dtype": "default"}},
+        "load": {"class_type": "LoadImage", "inputs": {"image": "parity_reference.png"}},
+        "ref": {"class_type": "UniFusionReference", "inputs": {"image": ["load", 0], "max_tiles": 1}},
+        "enc": {"class_type": "UniFusionEncode", "inputs": {"vlm": ["vlm", 0], "text": text, "system_prompt": "",
+                                                            "references": ["ref", 0]}},
+        "lap": {"class_type": "UniFusionLAPPool", "inputs": {"model": ["model", 0], "features": ["enc", 0],
+                                                             "layer_gains": ""}},
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["lap", 0]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": IMAGE_SIZE, "height": IMAGE_SIZE,
+                                                                "batch_size": 1}},
+        "ks": {"class_type": "KSampler", "inputs": {
+            "model": ["model", 0], "positive": ["lap", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": TEST_STEPS, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+            "denoise": 1.0}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": "unifusion-demo-vae.safetensors"}},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "parity_edit"}},
+    }
+    comfy_image = saved_images(server, server.run(prompt))[0].astype(np.float64)
+    pipe = pipeline.UniFusionPipeline.from_files(files.vlm, checkpoint, files.vae)
+    assert pipe.config.dit.image_positions
+    condition = pipe.encode(text, [source], max_tiles=1)
+    ours = np.asarray(pipe.sample(condition, IMAGE_SIZE, IMAGE_SIZE, steps=TEST_STEPS, cfg_scale=4.0, seed=seed)[0]
+                      .convert("RGB")).astype(np.float64)
+    unplaced = np.asarray(pipe.sample(replace(condition, positions=None), IMAGE_SIZE, IMAGE_SIZE, steps=TEST_STEPS,
+                                      cfg_scale=4.0, seed=seed)[0].convert("RGB")).astype(np.float64)
+    assert np.abs(comfy_image - ours).max() <= 2.0
+    assert np.abs(unplaced - ours).max() > 2.0, "places must matter for this check to mean anything"

@@ -7,7 +7,7 @@ degenerate (the adaLN-Zero gates are re-drawn), so images depend on the prompt a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +47,8 @@ def build_tiny_files(root: Path) -> TinyFiles:
     identity = load_vlm(vlm_dir).identity
     cfg = tiny_preset(VLMIdentity(identity.architecture, identity.num_layers, identity.hidden_size,
                                   identity.selected_layers))
-    cfg = type(cfg)(cfg.vlm, cfg.lap, cfg.dit, {"sampling_shift": SHIFT, "vae": DEMO_VAE})
+    # image_positions on: the nodes must carry each reference token's place to the DiT (the demo's DiT has it)
+    cfg = type(cfg)(cfg.vlm, cfg.lap, replace(cfg.dit, image_positions=True), {"sampling_shift": SHIFT, "vae": DEMO_VAE})
     torch.manual_seed(0)
     model = UniFusionModel(cfg)
     _randomize(model, seed=0)

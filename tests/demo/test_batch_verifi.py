@@ -50,6 +50,7 @@ def test_batch_equals_one_by_one(vlm):
         for name in ("input_ids", "attention_mask", "is_image", "keep", "is_system", "is_instruction", "is_template"):
             assert torch.equal(getattr(ours.features, name), getattr(ref.features, name)), name
         torch.testing.assert_close(ours.features.features, ref.features.features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.features.frame_positions, ref.features.frame_positions, equal_nan=True)
         counts.add(ours.generated_token_count)
     assert len(counts) >= 3, f"rows should stop at different steps, got kept counts {counts}"
 

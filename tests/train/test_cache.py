@@ -30,6 +30,11 @@ def _kept(features) -> torch.Tensor:
     return tokens[0, : int(mask[0].sum())]
 
 
+def _places(features) -> torch.Tensor:
+    places, mask = features.condition_positions(), features.condition_tokens()[1]
+    return places[0, : int(mask[0].sum())]
+
+
 def _pixels(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
@@ -44,8 +49,12 @@ def test_cached_values_equal_direct_encoding(cache: FeatureCache, records, tiny_
         target = open_image(record.target)
         plain = _kept(encode(tiny_vlm, record.text, sources))
         torch.testing.assert_close(sample.features["plain"], plain, rtol=1e-4, atol=1e-4)
-        recon = _kept(encode(tiny_vlm, "", [target], max_tiles=1))
-        torch.testing.assert_close(sample.features["recon"], recon, rtol=1e-4, atol=1e-4)
+        recon = encode(tiny_vlm, "", [target], max_tiles=1)
+        torch.testing.assert_close(sample.features["recon"], _kept(recon), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sample.places["recon"], _places(recon), equal_nan=True)
+        assert int(torch.isfinite(sample.places["recon"]).all(dim=-1).sum()) == 16  # the one tile lies over the frame
+        torch.testing.assert_close(sample.places["plain"], _places(encode(tiny_vlm, record.text, sources)),
+                                   equal_nan=True)
         rewrite = verifi_rewrite(tiny_vlm, record.text, sources, max_new_tokens=VERIFI_TOKENS)
         torch.testing.assert_close(sample.features["verifi"], _kept(rewrite.features), rtol=1e-4, atol=1e-4)
         assert sample.info.verifi_text == rewrite.text and sample.info.kind == record.kind
@@ -60,7 +69,13 @@ def test_collate_pads_with_mask() -> None:
     assert batch.features.shape == (2, 3, 2, 4) and batch.features.dtype == torch.float64
     assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
     assert torch.equal(batch.features[1, 1:], torch.zeros(2, 2, 4)) and batch.features[1, 0].eq(2).all()
-    assert batch.latents.shape == (2, 4, 8, 8)
+    assert batch.latents.shape == (2, 4, 8, 8) and batch.positions is None
+    places = [torch.full((3, 2), 0.5), torch.tensor([[0.25, 0.75]])]
+    placed = collate(feats, [torch.zeros(4, 8, 8), torch.ones(4, 8, 8)], places=places).positions
+    assert placed.shape == (2, 3, 2) and placed[0].eq(0.5).all() and placed[1, 0].tolist() == [0.25, 0.75]
+    assert torch.isnan(placed[1, 1:]).all()
+    with pytest.raises(CacheError, match="one places tensor"):
+        collate(feats, [torch.zeros(4, 8, 8), torch.ones(4, 8, 8)], places=places[:1])
 
 
 def test_reuse_stale_and_overwrite(cache_dir: Path, records, tiny_vlm, tiny_vae, tmp_path: Path,
@@ -119,6 +134,13 @@ def test_cache_checks_model_config(cache: FeatureCache, model_config) -> None:
     other = make_config(VLMIdentity("InternVLForConditionalGeneration", 8, 64, (2, 5)), tiny_dit())
     with pytest.raises(CacheError, match=r"selected_layers: expected \[2, 5\], found \[4, 7\]"):
         cache.check_model(other)
+    placing = replace(model_config, dit=replace(model_config.dit, image_positions=True))
+    cache.check_model(placing)  # this cache stores frame positions
+    old_cache = FeatureCache(cache.folder)
+    old_cache.key = replace(cache.key, frame_positions=False)  # as an index written before them reads
+    with pytest.raises(CacheError, match="image_positions: the model places image tokens"):
+        old_cache.check_model(placing)
+    assert old_cache.get(0).places == {}
 
 
 def test_damaged_or_foreign_index(tmp_path: Path, cache_dir: Path) -> None:

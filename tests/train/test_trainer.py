@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from dataclasses import replace
@@ -204,3 +205,18 @@ def test_condition_lr_scale_moves_lap_slower_and_zero_freezes_it(cache, model_co
     assert min(full_dit, tenth_dit, frozen_dit) > 0
     with pytest.raises(TrainConfigError, match="condition_lr_scale"):
         TrainConfig(condition_lr_scale=-1.0)
+
+
+def test_a_placing_dit_trains_on_the_cached_frame_positions(cache, model_config, tmp_path: Path) -> None:
+    """Reconstruction batches hand the DiT each image token's place from the cache; the loss trains."""
+    from dataclasses import replace
+
+    config = replace(model_config, dit=replace(model_config.dit, image_positions=True))
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, recon_prob=1.0, save_every=100, log_every=1)
+    trainer = Trainer(config, cache, cfg, tmp_path, progress=False)
+    seen = []
+    trainer.model.dit.register_forward_hook(lambda m, args, out: seen.append(args[4]))
+    result = trainer.train()
+    assert all(math.isfinite(loss) for loss in result.losses) and len(seen) == 2
+    placed = torch.isfinite(seen[0]).all(dim=-1)  # (B, S)
+    assert placed.sum(dim=1).tolist() == [16] * 4  # one tile of the target per sample

@@ -226,6 +226,11 @@ def test_forced_batch_matches_one_by_one(vlms, family, picture):
         for mask in ("attention_mask", "is_image", "keep", "is_system", "is_instruction", "is_template"):
             assert torch.equal(getattr(got.features, mask), getattr(one.features, mask)), mask
         torch.testing.assert_close(got.features.features, one.features.features, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.features.frame_positions, one.features.frame_positions, equal_nan=True)
+        places = got.features.condition_positions()[0]  # image tokens, then the answer's tokens without a place
+        placed = torch.isfinite(places).all(dim=-1)
+        assert bool(placed.any()) == bool(pics)
+        assert not placed[int(got.features.keep[0].sum()) - got.generated_token_count:].any()
     with pytest.raises(InputError, match="one answer and one image list per text"):
         forced_rewrite_batch(vlm, texts, answers[:2])
 

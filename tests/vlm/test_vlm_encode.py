@@ -128,3 +128,19 @@ def test_progress_and_dtype(tiny_dirs):
     assert feats.features.dtype == torch.bfloat16 and seen[-1] == (8, 8)
     moved = feats.to(dtype=torch.float32)
     assert moved.features.dtype == torch.float32 and moved.keep.dtype == torch.bool
+
+
+def test_condition_positions_follow_the_kept_tokens(tiny_vlms):
+    """Positions come out in the order of `condition_tokens`: the image's tokens with their places,
+    the text and the padding without."""
+    vlm = tiny_vlms["internvl"]
+    feats = encode(vlm, ["a red circle", "two"], images=[[_image(64, 64)], []], max_tiles=1)
+    tokens, mask = feats.condition_tokens()
+    places = feats.condition_positions()
+    assert places.shape == (*mask.shape, 2)
+    placed = torch.isfinite(places).all(dim=-1)
+    assert placed[0].sum() == 16 and not placed[1].any() and not placed[~mask].any()
+    kept = feats.keep[0] & feats.attention_mask[0]
+    torch.testing.assert_close(places[0][: int(kept.sum())], feats.frame_positions[0][kept], equal_nan=True)
+    bare = VLMFeatures(feats.features, feats.attention_mask, feats.is_image, feats.keep, feats.input_ids, feats.text)
+    assert torch.isnan(bare.condition_positions()).all()

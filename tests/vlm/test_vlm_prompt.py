@@ -204,3 +204,42 @@ def test_template_dropping_the_system_prompt(tiny_vlms):
                                "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}")
     with pytest.raises(InputError, match="exactly once"):
         build_prompt(dataclasses.replace(vlm, tokenizer=tokenizer), [PROMPT], system_prompt=SYSTEM)
+
+
+def _frame_grid(vlm, prompt, image_index=0):
+    """(rows, cols) of the frame grid of one image, from the processor's own outputs."""
+    if vlm.family == "internvl":
+        return 4, 4  # tiny InternVL: 16 tokens per tile, the last tile covers the frame
+    t, h, w = prompt.image_inputs["image_grid_thw"][image_index].tolist()
+    return h // vlm.image_processor.merge_size, w // vlm.image_processor.merge_size
+
+
+@pytest.mark.parametrize("max_tiles", [1, 4])
+def test_frame_positions_place_the_tokens_that_cover_the_image(tiny_vlm, max_tiles):
+    """The single tile or the thumbnail (InternVL, last) or the whole token grid (Qwen) lies over the
+    image row-major, at its token centres; tiles of a part of the image, markers and text have no place."""
+    image = _image(120, 50)
+    prompt = build_prompt(tiny_vlm, [image, PROMPT], max_tiles=max_tiles)
+    places = prompt.frame_positions[0]
+    placed = torch.isfinite(places).all(dim=-1)
+    assert torch.isnan(places[~placed]).all()
+    features = (prompt.input_ids[0] == tiny_vlm.model.config.image_token_id).nonzero().flatten()
+    rows, cols = _frame_grid(tiny_vlm, prompt)
+    framed = features[-rows * cols:]
+    assert placed.nonzero().flatten().tolist() == framed.tolist()  # the frame grid is the last feature tokens
+    grid = places[framed].reshape(rows, cols, 2)
+    assert torch.allclose(grid[..., 0], ((torch.arange(rows) + 0.5) / rows)[:, None].expand(rows, cols))
+    assert torch.allclose(grid[..., 1], ((torch.arange(cols) + 0.5) / cols)[None, :].expand(rows, cols))
+
+
+def test_frame_positions_follow_padding_truncation_and_several_images(tiny_vlms):
+    vlm = tiny_vlms["internvl"]
+    first, second = _image(64, 64, 1), _image(64, 64, 2)
+    prompts = build_prompts(vlm, [[first, "a"], ["no image here at all"], [first, "b", second]], max_tiles=1,
+                            padding_side="left")
+    placed = torch.isfinite(prompts.frame_positions).all(dim=-1)
+    assert placed.sum(dim=1).tolist() == [16, 0, 32]
+    assert torch.equal(placed, prompts.is_image & (prompts.input_ids == vlm.model.config.image_token_id))
+    long = build_prompt(vlm, [first, "word " * 5000], max_tiles=1, max_length=64)
+    assert long.frame_positions.shape[:2] == long.input_ids.shape
+    assert int(torch.isfinite(long.frame_positions).all(dim=-1).sum()) == 16

@@ -23,7 +23,7 @@ from ..vlm.images import to_pil_list
 from ..vlm.layers import LayerCapture
 from ..vlm.loader import LoadedVLM
 from ..vlm.prompt import PromptInputs, build_prompts
-from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, VerifiResult, eos_token_ids, kept_count, pad_token_id
+from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, VerifiResult, eos_token_ids, extend_positions, kept_count, pad_token_id
 
 
 def _row(prompt: PromptInputs, b: int, start: int) -> dict[str, torch.Tensor]:
@@ -60,6 +60,8 @@ def _result(vlm: LoadedVLM, prompt: PromptInputs, states: torch.Tensor, sequence
         is_system=extend(masks["is_system"], False),
         is_instruction=extend(masks["is_instruction"], False),
         is_template=extend(masks["is_template"], False),
+        frame_positions=extend_positions(None if prompt.frame_positions is None
+                                         else prompt.frame_positions[b:b + 1, start:], kept, states.device),
     )
     return VerifiResult(text, features, kept, token_ids, finished)
 

@@ -77,6 +77,9 @@ class DemoRecipe:
     # side by side at 800 steps, 48 held-out prompts, colour/shape/size/position/count 67/35/64/55/35%
     # -> 64/32/69/37/31%, and the one-step guess at t = 0.95 got colour 22% -> 19%.
     dit_predict_x0: bool = False
+    # DiTConfig.image_positions: the 16 tokens of a reference image take the RoPE row/column of the latent
+    # tokens they lie over (a 4x4 grid over the 8x8 latent), so reconstruction and edits can copy by place.
+    dit_image_positions: bool = False
     batch_size: int = 32
     # 3,600 (was 2,400): shape kept rising with length. Same VLM, cache and decoder, 48 held-out prompts,
     # colour/shape/size/position/count after the edit finetune: plain 97/76/97/99/71% (exact 44%) ->
@@ -142,4 +145,5 @@ def dit_config(recipe: DemoRecipe) -> DiTConfig:
     return DiTConfig(in_channels=recipe.vae_latent_channels, patch_size=1, hidden_size=recipe.dit_width, depth=recipe.dit_depth,
                      num_heads=recipe.dit_heads, time_embed_dim=recipe.time_embed_dim,
                      rope_axes=rope_axes_for(head_dim), rope_theta=recipe.dit_rope_theta,
-                     absolute_position=recipe.dit_absolute_position, predict_x0=recipe.dit_predict_x0)
+                     absolute_position=recipe.dit_absolute_position, predict_x0=recipe.dit_predict_x0,
+                     image_positions=recipe.dit_image_positions)

@@ -10,7 +10,9 @@ source images + instruction) already reduced to the tokens that condition the Di
 (`VLMFeatures.condition_tokens`: ``(S', L, H)``); ``verifi`` the same for the Verifi
 rewrite under a fixed training system prompt (its text is in the index); ``recon`` the
 encoding of the target image alone (an image-only prompt, for reconstruction batches);
-``latent`` the VAE latent of the target ``(C, h, w)``, always float32.
+``latent`` the VAE latent of the target ``(C, h, w)``, always float32. With
+``frame_positions`` in the key, ``<i>.<variant>.places`` ``(S', 2)`` float32 holds where each
+kept token lies on its image's frame grid (`VLMFeatures.condition_positions`, NaN for text).
 
 Condition features are stored in ``bfloat16`` by default: LAP RMS-normalises every layer
 vector before anything else, so bf16's ~3 significant digits lose nothing that matters,
@@ -60,6 +62,7 @@ class CacheKey:
     verifi_system_prompt: Optional[str] = None  # None: no Verifi features cached
     verifi_max_new_tokens: int = 128
     recon_tiles: Optional[int] = None  # None: no reconstruction features cached
+    frame_positions: bool = False  # the frame positions of image tokens are stored (caches before them lack it)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resolution", tuple(int(v) for v in self.resolution))
@@ -124,6 +127,7 @@ class CachedSample:
     features: dict[str, Tensor]  # variant -> (S', L, H)
     latent: Tensor  # (C, h, w) float32
     info: SampleInfo
+    places: dict[str, Tensor] = field(default_factory=dict)  # variant -> (S', 2), when the cache has them
 
 
 @dataclass
@@ -133,29 +137,41 @@ class Batch:
     latents: Tensor  # (B, C, h, w)
     features: Tensor  # (B, S, L, H), zeros after each row's real tokens
     mask: Tensor  # (B, S) bool
+    positions: Optional[Tensor] = None  # (B, S, 2) float32 frame positions, NaN where a token has none
 
     def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "Batch":
         return Batch(self.latents.to(device=device, dtype=dtype), self.features.to(device=device, dtype=dtype),
-                     self.mask.to(device))
+                     self.mask.to(device), None if self.positions is None else self.positions.to(device))
 
 
-def collate(features: Sequence[Tensor], latents: Sequence[Tensor], dtype: Optional[torch.dtype] = None) -> Batch:
-    """Stack latents and right-pad variable-length ``(S_i, L, H)`` features with a mask."""
-    if not features or len(features) != len(latents):
-        raise CacheError(f"collate needs one feature tensor per latent, got {len(features)} and {len(latents)}")
+def collate(features: Sequence[Tensor], latents: Sequence[Tensor], dtype: Optional[torch.dtype] = None,
+            places: Optional[Sequence[Tensor]] = None) -> Batch:
+    """Stack latents and right-pad variable-length ``(S_i, L, H)`` features with a mask (and their
+    ``(S_i, 2)`` frame positions with NaN, when given)."""
+    if not features or len(features) != len(latents) or (places is not None and len(places) != len(features)):
+        raise CacheError(f"collate needs one feature tensor (and one places tensor, when given) per latent, got "
+                         f"{len(features)}, {len(latents)} and {None if places is None else len(places)}")
     dtype = dtype or features[0].dtype
     longest = max(max(int(f.shape[0]) for f in features), 1)
     l, h = features[0].shape[1:]
     out = torch.zeros(len(features), longest, l, h, dtype=dtype)
     mask = torch.zeros(len(features), longest, dtype=torch.bool)
+    positions = None if places is None else torch.full((len(features), longest, 2), float("nan"))
     for row, f in enumerate(features):
         out[row, : f.shape[0]] = f.to(dtype)
         mask[row, : f.shape[0]] = True
-    return Batch(torch.stack([x.float() for x in latents]), out, mask)
+        if positions is not None:
+            positions[row, : f.shape[0]] = places[row].float()
+    return Batch(torch.stack([x.float() for x in latents]), out, mask, positions)
 
 
 def tensor_name(index: int, variant: str) -> str:
     return f"{index}.{variant}"
+
+
+def places_name(index: int, variant: str) -> str:
+    """The tensor of a variant's frame positions."""
+    return f"{index}.{variant}.places"
 
 
 def shard_name(shard: int) -> str:
@@ -242,7 +258,9 @@ class FeatureCache:
             raise CacheError(f"{self.folder} has no {'/'.join(missing)} features; rebuild the cache with them "
                              "(verifi=True / recon=True) or turn those options off")
         feats = {v: self._tensor(info.shard, tensor_name(index, v)) for v in variants}
-        return CachedSample(feats, self._tensor(info.shard, tensor_name(index, "latent")), info)
+        places = ({v: self._tensor(info.shard, places_name(index, v)) for v in variants}
+                  if self.key.frame_positions else {})
+        return CachedSample(feats, self._tensor(info.shard, tensor_name(index, "latent")), info, places)
 
     def check_model(self, config: UniFusionConfig, where: str = "the model config") -> None:
         """Raise CacheError when ``config`` cannot train on this cache (other VLM, layers or latent)."""
@@ -252,6 +270,9 @@ class FeatureCache:
                             f"found {list(self.key.vlm.selected_layers)}")
         if config.dit.in_channels != self.key.latent_channels:
             problems.append(f"latent channels: expected {config.dit.in_channels}, found {self.key.latent_channels}")
+        if config.dit.image_positions and not self.key.frame_positions:
+            problems.append("image_positions: the model places image tokens on the latent grid, the cache has no "
+                            "frame positions (built by an older version)")
         if problems:
             raise CacheError(
                 f"the cache {self.folder} was built for a {self.key.vlm.architecture} with layers "

@@ -32,6 +32,7 @@ from .cache import (
     CacheKey,
     FeatureCache,
     SampleInfo,
+    places_name,
     shard_name,
     tensor_name,
 )
@@ -144,11 +145,15 @@ class _Encoder:
                 results[i] = result
         return results
 
-    def _rows(self, features: Any) -> list[Tensor]:
+    def _rows(self, features: Any) -> list[tuple[Tensor, Tensor]]:
+        """Per prompt: its kept tokens (S', L, H) in the cache dtype and their frame positions (S', 2)."""
         tokens, mask = features.condition_tokens()  # (B, S', L, H), (B, S')
-        return [tokens[b, : int(mask[b].sum())].to("cpu", self.dtype).contiguous() for b in range(tokens.shape[0])]
+        places = features.condition_positions()  # (B, S', 2)
+        counts = [int(mask[b].sum()) for b in range(tokens.shape[0])]
+        return [(tokens[b, :n].to("cpu", self.dtype).contiguous(), places[b, :n].to("cpu", torch.float32).contiguous())
+                for b, n in enumerate(counts)]
 
-    def _plain(self, records: Sequence[Record]) -> list[Tensor]:
+    def _plain(self, records: Sequence[Record]) -> list[tuple[Tensor, Tensor]]:
         sources = [[open_image(s, r.origin) for s in r.sources] for r in records]
         texts = [r.text for r in records]
         images: Any = sources[0] if len(records) == 1 else (sources if any(sources) else ())
@@ -156,7 +161,7 @@ class _Encoder:
                           system_prompt=self.key.system_prompt)
         return self._rows(features)
 
-    def _recon(self, targets: Sequence[Image.Image]) -> list[Tensor]:
+    def _recon(self, targets: Sequence[Image.Image]) -> list[tuple[Tensor, Tensor]]:
         """Image-only prompts: the VLM's view of each target (tiles + thumbnail), no text."""
         many = len(targets) > 1
         features = encode(self.vlm, [""] * len(targets) if many else "", [[t] for t in targets] if many else targets,
@@ -178,16 +183,17 @@ class _Encoder:
             for offset, record in enumerate(chunk):
                 index = first_index + start + offset
                 tensors[tensor_name(index, "latent")] = latents[offset].contiguous()
-                tensors[tensor_name(index, "plain")] = plain[offset]
-                counts = {"plain": int(plain[offset].shape[0])}
+                rows = {"plain": plain[offset]}
                 if recon is not None:
-                    tensors[tensor_name(index, "recon")] = recon[offset]
-                    counts["recon"] = int(recon[offset].shape[0])
+                    rows["recon"] = recon[offset]
                 verifi_text = None
                 if rewrites is not None:
-                    tensors[tensor_name(index, "verifi")] = self._rows(rewrites[offset].features)[0]
-                    counts["verifi"] = int(tensors[tensor_name(index, "verifi")].shape[0])
+                    rows["verifi"] = self._rows(rewrites[offset].features)[0]
                     verifi_text = rewrites[offset].text
+                for variant, (tokens, places) in rows.items():
+                    tensors[tensor_name(index, variant)] = tokens
+                    tensors[places_name(index, variant)] = places
+                counts = {variant: int(tokens.shape[0]) for variant, (tokens, _) in rows.items()}
                 infos.append(SampleInfo(shard=-1, kind=record.kind, text=record.text, origin=record.origin,
                                         tokens=counts, verifi_text=verifi_text))
         return tensors, infos
@@ -225,6 +231,7 @@ def make_cache_key(vlm: Any, vae: Any, resolution: tuple[int, int], feature_dtyp
         system_prompt=system_prompt, max_tiles=max_tiles,
         verifi_system_prompt=(verifi_system_prompt or DEFAULT_SYSTEM_PROMPT) if verifi else None,
         verifi_max_new_tokens=verifi_max_new_tokens, recon_tiles=recon_tiles if recon else None,
+        frame_positions=True,
     )
 
 

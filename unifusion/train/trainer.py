@@ -56,10 +56,11 @@ class TrainingModel(nn.Module):
         super().__init__()
         self.lap, self.dit = model.lap, model.dit
 
-    def forward(self, x: Tensor, timesteps: Tensor, features: Tensor, mask: Tensor, drop: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, features: Tensor, mask: Tensor, drop: Tensor,
+                positions: Optional[Tensor] = None) -> Tensor:
         context = self.lap(features, mask)  # (B, S, D)
         context = torch.where(drop[:, None, None], UniFusionModel.null_condition(context), context)  # CFG dropout
-        return self.dit(x, timesteps, context, mask)  # (B, C, H, W)
+        return self.dit(x, timesteps, context, mask, positions)  # (B, C, H, W)
 
 
 def parameter_groups(module: TrainingModel, config: TrainConfig) -> list[dict[str, Any]]:
@@ -268,13 +269,14 @@ class Trainer:
         picks = sample_indices(len(self.pool), cfg.seed, position, cfg.batch_size)
         items = [self.cache.get(self.pool[i], [v]) for i, v in zip(picks, plan.variants)]
         param = next(self.module.parameters())
+        places = [it.places[v] for it, v in zip(items, plan.variants)] if self.cache.key.frame_positions else None
         batch = collate([it.features[v] for it, v in zip(items, plan.variants)], [it.latent for it in items],
-                        dtype=param.dtype).to(acc.device, param.dtype)
+                        dtype=param.dtype, places=places).to(acc.device, param.dtype)
         noise_gen = torch.Generator().manual_seed(plan.noise_seed)
         noise = torch.randn(batch.latents.shape, generator=noise_gen).to(acc.device, param.dtype)
         loss = flow_matching_loss(lambda x, t, **kw: self.module(x, t.to(x.dtype), **kw), batch.latents, noise,
                                   plan.timesteps.to(acc.device), features=batch.features, mask=batch.mask,
-                                  drop=plan.drop.to(acc.device), metric=self.metric)
+                                  drop=plan.drop.to(acc.device), positions=batch.positions, metric=self.metric)
         return loss, plan.recon
 
     def _optimizer_step(self) -> StepInfo:

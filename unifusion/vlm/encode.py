@@ -34,29 +34,46 @@ class VLMFeatures:
     is_system: torch.Tensor | None = None
     is_instruction: torch.Tensor | None = None
     is_template: torch.Tensor | None = None
+    # (B, S, 2) where each image token lies on its image's frame grid, NaN elsewhere (see `vlm.prompt`)
+    frame_positions: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.features.shape[0]
 
-    def condition_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept tokens moved to the front in their original order: ``(B, S', L, H)`` with zeros
-        after each row's last kept token, and the ``(B, S')`` bool mask; S' = most kept."""
+    def _kept_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B, S') indices of the kept tokens, front-packed in their order; (B, S') bool mask)."""
         keep = self.keep & self.attention_mask
         counts = keep.sum(dim=1)  # (B,)
         width = max(int(counts.max()), 1) if counts.numel() else 1
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # (B, S')
+        mask = torch.arange(width, device=keep.device)[None, :] < counts[:, None]  # (B, S')
+        return order, mask
+
+    def condition_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept tokens moved to the front in their original order: ``(B, S', L, H)`` with zeros
+        after each row's last kept token, and the ``(B, S')`` bool mask; S' = most kept."""
+        order, mask = self._kept_order()
         index = order[:, :, None, None].expand(-1, -1, *self.features.shape[2:])
         tokens = torch.gather(self.features, 1, index)  # (B, S', L, H)
-        mask = torch.arange(width, device=keep.device)[None, :] < counts[:, None]  # (B, S')
         return tokens * mask[:, :, None, None].to(tokens.dtype), mask
+
+    def condition_positions(self) -> torch.Tensor:
+        """``(B, S', 2)`` frame positions of the tokens `condition_tokens` returns, in the same
+        order (NaN for text, tiles of a part of an image, padding, or features without positions)."""
+        order, mask = self._kept_order()
+        if self.frame_positions is None:
+            return torch.full((*order.shape, 2), float("nan"), device=order.device)
+        places = torch.gather(self.frame_positions.to(order.device).float(), 1,
+                              order[:, :, None].expand(-1, -1, 2))  # (B, S', 2)
+        return places.masked_fill(~mask[:, :, None], float("nan"))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VLMFeatures":
         """Move the tensors; `dtype` applies to the features only."""
         moved = {
             name: getattr(self, name).to(device)
             for name in ("attention_mask", "is_image", "keep", "input_ids", "is_system", "is_instruction",
-                         "is_template")
+                         "is_template", "frame_positions")
             if getattr(self, name) is not None
         }
         return replace(self, features=self.features.to(device=device, dtype=dtype), **moved)
@@ -155,4 +172,5 @@ def encode(
         is_system=prompt.is_system.to(device),
         is_instruction=prompt.is_instruction.to(device),
         is_template=prompt.is_template.to(device),
+        frame_positions=prompt.frame_positions.to(device) if prompt.frame_positions is not None else None,
     )

@@ -12,7 +12,10 @@ prompt, the generation prompt).
 markers around each image (InternVL ``<img>``/``</img>``, Qwen
 ``<|vision_start|>``/``<|vision_end|>``): the markers belong to the image block and
 separate consecutive images once the kept tokens are compacted for the DiT.
-``image_token_counts`` counts the feature tokens alone.
+``image_token_counts`` counts the feature tokens alone. ``frame_positions`` places the
+feature tokens that cover a whole image in a grid (InternVL: the single tile or the
+thumbnail, which comes last; Qwen: every token of the image) at their (row, column)
+centre as fractions of the image, for a DiT that lays them over its latent grid.
 
 Image placeholders are expanded in token-id space (one template placeholder ->
 ``<img>`` + ``<IMG_CONTEXT>`` x (256 per tile) + ``</img>`` for InternVL, ``<|image_pad|>``
@@ -22,6 +25,7 @@ x (grid / merge^2) for Qwen), so each image gets its own tile budget.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -54,6 +58,7 @@ class PromptInputs:
     image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
     texts: list[str] = field(default_factory=list)  # rendered chats, one placeholder per image
     image_token_counts: list[list[int]] = field(default_factory=list)  # feature tokens per image, per chat
+    frame_positions: torch.Tensor | None = None  # (B, S, 2) float (row, column) fractions, NaN off the frame grid
 
     def model_kwargs(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """Keyword arguments for the VLM's forward or ``generate``."""
@@ -70,6 +75,7 @@ class _Chat:
     text: str
     image_counts: list[int]
     image_tensors: list[dict[str, torch.Tensor]]
+    places: list[tuple[float, float]]  # per token: (row, column) fraction on its image's frame grid, or NaN
 
 
 class _Images:
@@ -99,20 +105,43 @@ class _Images:
     def supported(self) -> bool:
         return self.family in ("internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") and self.processor is not None
 
-    def process(self, image: Image.Image, max_tiles: int) -> tuple[list[int], int, dict[str, torch.Tensor]]:
-        """(ids replacing the one template placeholder, feature-token count, pixel tensors)."""
+    def process(self, image: Image.Image, max_tiles: int
+                ) -> tuple[list[int], int, dict[str, torch.Tensor], tuple[int, int]]:
+        """(ids replacing the one template placeholder, feature-token count, pixel tensors, (rows, columns)
+        of the grid the image's last feature tokens lay over the whole image)."""
         if self.family == "internvl":
             out = self.processor(images=[image], crop_to_patches=max_tiles > 1, max_patches=max_tiles,
                                  return_tensors="pt")
             count = int(out["num_patches"][0]) * self.tokens_per_tile
+            side = math.isqrt(self.tokens_per_tile)
+            frame = (side, side) if side * side == self.tokens_per_tile else (0, 0)
             return [self.start_id] + [self.image_id] * count + [self.end_id], count, {
-                "pixel_values": out["pixel_values"]}
+                "pixel_values": out["pixel_values"]}, frame
         size = dict(self.processor.size)
         size["longest_edge"] = max(max_pixels_for_tiles(max_tiles), int(size.get("shortest_edge") or 0))
         out = self.processor(images=[image], size=size, return_tensors="pt")
-        count = int(out["image_grid_thw"][0].prod()) // self.processor.merge_size**2
+        t, h, w = (int(v) for v in out["image_grid_thw"][0])
+        merge = self.processor.merge_size
+        count = t * h * w // merge**2
+        frame = (h // merge, w // merge) if t == 1 else (0, 0)
         return [self.image_id] * count, count, {"pixel_values": out["pixel_values"],
-                                                "image_grid_thw": out["image_grid_thw"]}
+                                                "image_grid_thw": out["image_grid_thw"]}, frame
+
+
+_NO_PLACE = (math.nan, math.nan)
+
+
+def frame_places(ids: list[int], image_id: int, frame: tuple[int, int]) -> list[tuple[float, float]]:
+    """Per id of one expanded image: the (row, column) centre fraction of each of the last
+    ``rows * columns`` feature tokens on the frame grid (row-major), NaN for the others."""
+    rows, cols = frame
+    places = [_NO_PLACE] * len(ids)
+    features = [i for i, token in enumerate(ids) if token == image_id]
+    if rows * cols == 0 or len(features) < rows * cols:
+        return places
+    for k, index in enumerate(features[len(features) - rows * cols:]):
+        places[index] = ((k // cols + 0.5) / rows, (k % cols + 0.5) / cols)
+    return places
 
 
 def _messages(system_prompt: str | None, content: list[Any], texts: list[str], as_string: bool) -> list[dict]:
@@ -231,20 +260,22 @@ def _build_chat(vlm: LoadedVLM, images: _Images, content: Sequence[Any], system_
     placeholders = sum(1 for i in raw_ids if i == images.image_id)
     if placeholders != len(pictures):
         raise InputError(f"the chat template wrote {placeholders} image placeholders for {len(pictures)} images")
-    ids, roles, counts, tensors = [], [], [], []
+    ids, roles, counts, tensors, places = [], [], [], [], []
     pending = iter(zip(pictures, max_tiles))
     for token, role in zip(raw_ids, raw_roles):
         if token == images.image_id and pictures:
             picture, tiles = next(pending)
-            expanded, count, pixels = images.process(picture, tiles)
+            expanded, count, pixels, frame = images.process(picture, tiles)
             ids += expanded
             roles += [_IMAGE] * len(expanded)
+            places += frame_places(expanded, images.image_id, frame)
             counts.append(count)
             tensors.append(pixels)
         else:
             ids.append(token)
             roles.append(_IMAGE if token in images.marker_ids and pictures else role)
-    return _Chat(ids, roles, text, counts, tensors)
+            places.append(_NO_PLACE)
+    return _Chat(ids, roles, text, counts, tensors, places)
 
 
 def _truncate(chat: _Chat, limit: int, index: int) -> None:
@@ -263,6 +294,7 @@ def _truncate(chat: _Chat, limit: int, index: int) -> None:
                    index, len(chat.ids), limit, excess)
     chat.ids = [t for i, t in enumerate(chat.ids) if i not in drop]
     chat.roles = [r for i, r in enumerate(chat.roles) if i not in drop]
+    chat.places = [p for i, p in enumerate(chat.places) if i not in drop]
 
 
 def _tiles_per_image(max_tiles: int | Sequence[int], total: int) -> list[int]:
@@ -326,10 +358,12 @@ def _pad(vlm: LoadedVLM, images: _Images, chats: list[_Chat], side: str) -> Prom
     length = max(len(c.ids) for c in chats)
     ids = torch.full((len(chats), length), pad_id, dtype=torch.long)
     roles = torch.full((len(chats), length), -1, dtype=torch.long)
+    places = torch.full((len(chats), length, 2), math.nan)
     for b, chat in enumerate(chats):
         window = slice(0, len(chat.ids)) if side == "right" else slice(length - len(chat.ids), length)
         ids[b, window] = torch.tensor(chat.ids, dtype=torch.long)
         roles[b, window] = torch.tensor(chat.roles, dtype=torch.long)
+        places[b, window] = torch.tensor(chat.places, dtype=torch.float32).reshape(-1, 2)
     tensors = [t for chat in chats for t in chat.image_tensors]
     image_inputs = {key: torch.cat([t[key] for t in tensors]) for key in tensors[0]} if tensors else {}
     if tensors and images.family != "internvl":
@@ -344,4 +378,5 @@ def _pad(vlm: LoadedVLM, images: _Images, chats: list[_Chat], side: str) -> Prom
         image_inputs=image_inputs,
         texts=[c.text for c in chats],
         image_token_counts=[c.image_counts for c in chats],
+        frame_positions=places,
     )

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,14 @@ def kept_count(generated: list[int], eos: set[int], max_new_tokens: int, fed_bac
     return limit, False
 
 
+def extend_positions(positions: Optional[torch.Tensor], kept: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Prompt frame positions (B, P, 2) followed by ``kept`` generated tokens without a place."""
+    if positions is None:
+        return None
+    tail = torch.full((positions.shape[0], kept, 2), float("nan"))
+    return torch.cat([positions.float().cpu(), tail], dim=1).to(device)
+
+
 def _features(prompt: PromptInputs, states: torch.Tensor, sequence: torch.Tensor, kept: int, text: str,
               layers: tuple[int, ...]) -> VLMFeatures:
     """Features over prompt + kept tokens; keep = image tokens + generated tokens."""
@@ -168,6 +176,7 @@ def _features(prompt: PromptInputs, states: torch.Tensor, sequence: torch.Tensor
         is_system=extend(prompt.is_system, False),
         is_instruction=extend(prompt.is_instruction, False),
         is_template=extend(prompt.is_template, False),
+        frame_positions=extend_positions(prompt.frame_positions, kept, device),
     )
 
 
