@@ -16,10 +16,10 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ConfigError, UniFusionConfig, VLMIdentity
 from .errors import CheckpointError, VLMMismatchError
+from .safetensors_file import write_safetensors
 
 FORMAT_NAME = "unifusion"
 FORMAT_VERSION = "1"
@@ -48,12 +48,7 @@ def save_checkpoint(
     path = Path(path)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, CONFIG_KEY: config.to_json()})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
-    return path
+    return write_safetensors(path, state_dict, meta)
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from .safetensors_file import write_safetensors
 from torch import nn
 
 from .errors import UniFusionError
@@ -171,14 +171,6 @@ class PixelSpaceVAE(nn.Module):
         return images.clamp(0, 1) if clamp else images
 
 
-def _write(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata))
-    tmp.replace(path)  # never leave a half-written file under the real name
-    return path
-
-
 def save_vae(model: TinyAutoencoder | PixelSpaceVAE, path: str | Path,
              metadata: Mapping[str, str] | None = None) -> Path:
     """One safetensors file that ComfyUI's VAELoader (models/vae/) and `load_vae` both read."""
@@ -186,7 +178,7 @@ def save_vae(model: TinyAutoencoder | PixelSpaceVAE, path: str | Path,
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if isinstance(model, PixelSpaceVAE):
         meta.update({"format": FORMAT_NAME, "kind": "pixel_space"})
-        return _write(path, {PIXEL_SPACE_KEY: torch.tensor(1.0)}, meta)
+        return write_safetensors(path, {PIXEL_SPACE_KEY: torch.tensor(1.0)}, meta)
     if model.width != COMFY_WIDTH:
         logger.warning("saving a width-%d autoencoder to %s: ComfyUI only loads width %d", model.width, path, COMFY_WIDTH)
     meta.update({
@@ -194,7 +186,7 @@ def save_vae(model: TinyAutoencoder | PixelSpaceVAE, path: str | Path,
         "width": str(model.width), "downscale": str(DOWNSCALE), "image_range": "0..1",
         "vae_scale": f"{float(model.vae_scale):.6g}", "vae_shift": f"{float(model.vae_shift):.6g}",
     })
-    return _write(path, model.state_dict(), meta)
+    return write_safetensors(path, model.state_dict(), meta)
 
 
 def _read(path: Path, device: str) -> dict[str, torch.Tensor]:

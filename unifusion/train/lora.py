@@ -26,9 +26,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..safetensors_file import write_safetensors
 from .errors import TrainConfigError
 
 COMFY_PREFIX = "diffusion_model.dit."  # MODEL.diffusion_model is the UniFusionModel; its DiT is .dit
@@ -149,8 +149,4 @@ def save_comfy_lora(lora: LoRA, path: str | Path, metadata: Optional[Mapping[str
     first = next(iter(lora.adapters.values()))
     meta.update({"format": LORA_FORMAT, "rank": str(first.rank), "alpha": str(first.alpha),
                  "modules": str(len(lora.adapters))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(lora.comfy_state_dict(prefix), str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_safetensors(path, lora.comfy_state_dict(prefix), meta)
