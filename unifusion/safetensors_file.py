@@ -2,9 +2,10 @@
 
 The safetensors writer lays the tensor data out deterministically, but orders the keys of its
 JSON header (the metadata above all) as a hash map does, which changes from one process to the
-next. A seeded training run that must write the same files again (the bundled demo's report holds
-their digests) therefore rewrites the header with sorted keys, in place: the data offsets do not
-move, and the header keeps its length (padded with spaces, as the format allows).
+next: a seeded re-run wrote files with equal tensors and other checksums (`train_demo.content_digest`
+hashes the content for that reason). The header is rewritten with sorted keys, in place, so the
+files themselves repeat: the data offsets do not move, and the header keeps its length (padded with
+spaces, as the format allows).
 """
 
 from __future__ import annotations

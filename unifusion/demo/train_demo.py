@@ -242,14 +242,14 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
-    if stop_after != "t2i":
-        with timer.stage("edit"):
-            if not log.finished("edit", out / DEMO_CHECKPOINT):
-                stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
-                log.mark("edit")
+    # The decoder is done by now (36 min against 51); the edit finetune then gets every thread.
     _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads)
     if stop_after == "t2i":
         return False
+    with timer.stage("edit"):
+        if not log.finished("edit", out / DEMO_CHECKPOINT):
+            stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
+            log.mark("edit")
     if ablations:
         with timer.stage("ablations"):
             def done(name: str) -> bool:
