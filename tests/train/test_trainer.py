@@ -220,3 +220,18 @@ def test_a_placing_dit_trains_on_the_cached_frame_positions(cache, model_config,
     assert all(math.isfinite(loss) for loss in result.losses) and len(seen) == 2
     placed = torch.isfinite(seen[0]).all(dim=-1)  # (B, S)
     assert placed.sum(dim=1).tolist() == [16] * 4  # one tile of the target per sample
+
+
+def test_edit_repeat_weights_the_mixed_pool(cache) -> None:
+    from unifusion.train.errors import TrainConfigError
+    from unifusion.train.trainer import training_pool
+
+    edits = cache.indices(("edit",))
+    t2i = cache.indices(("t2i",))
+    assert edits and t2i
+    pool = training_pool(cache, TrainConfig(stage="mixed", edit_repeat=3))
+    assert sorted(pool) == sorted(t2i + edits * 3)
+    assert training_pool(cache, TrainConfig(stage="mixed")) == cache.indices(("t2i", "edit"))
+    assert training_pool(cache, TrainConfig(stage="edit", edit_repeat=3)) == edits  # one kind: nothing to weigh
+    with pytest.raises(TrainConfigError, match="edit_repeat must be >= 1"):
+        TrainConfig(edit_repeat=0)

@@ -150,6 +150,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean,
         loss_whitening=recipe.loss_whitening,
         stage="mixed" if stage == "edit" and recipe.edit_mix_t2i else stage,
+        edit_repeat=recipe.edit_repeat if stage == "edit" else 1,
         save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))
     return TrainConfig(**{**options, **overrides})

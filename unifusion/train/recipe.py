@@ -76,6 +76,9 @@ class TrainConfig:
     # from the cache (`latent_metric`), so the low-variance directions that carry fine shape count.
     loss_whitening: float = 0.0
     stage: str = "t2i"  # t2i samples, edit samples, or both
+    # Stage "mixed": each edit sample stands this many times in the pool the batches are drawn from,
+    # so edits get a larger share of the steps without dropping any text-to-image sample.
+    edit_repeat: int = 1
     init_from: Optional[str] = None  # release checkpoint to start from (e.g. the T2I model for editing)
     gradient_checkpointing: bool = False
     save_every: int = 500
@@ -87,7 +90,7 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if isinstance(self.lora, dict):
             object.__setattr__(self, "lora", LoRAConfig(**self.lora))
-        positive = ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every")
+        positive = ("steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "edit_repeat")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")

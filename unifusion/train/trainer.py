@@ -48,6 +48,15 @@ logger = logging.getLogger(__name__)
 LOSS_LOG = "loss.jsonl"
 
 
+def training_pool(cache: FeatureCache, config: TrainConfig) -> list[int]:
+    """Cache indices the batches are drawn from: the stage's samples, each edit sample
+    ``config.edit_repeat`` times in the mixed stage."""
+    pool = cache.indices(config.kinds)
+    if config.stage != "mixed" or config.edit_repeat == 1:
+        return pool
+    return [i for i in pool for _ in range(config.edit_repeat if cache.samples[i].kind == "edit" else 1)]
+
+
 class TrainingModel(nn.Module):
     """LAP + dropout + DiT as one forward, so DDP/FSDP see every parameter used in one call.
     Its submodules are the UniFusionModel's own ``lap`` and ``dit``: state-dict keys agree."""
@@ -142,7 +151,7 @@ class Trainer:
         named = dict(self.accelerator.unwrap_model(self.module).named_parameters())
         self.ema = EMA({n: named[n] for n in sorted(self.trainable)}, config.ema_decay, config.ema_warmup) \
             if config.ema_decay > 0 else None
-        self.pool = cache.indices(config.kinds)
+        self.pool = training_pool(cache, config)
         self.step = 0
         c, h, w = cache.latent_shape
         p = model_config.dit.patch_size
