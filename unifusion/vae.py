@@ -28,10 +28,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from .safetensors_file import write_safetensors
 from torch import nn
 
 from .errors import UniFusionError
+from .safetensors_file import write_safetensors
 
 logger = logging.getLogger(__name__)
 
