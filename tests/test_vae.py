@@ -21,6 +21,7 @@ from unifusion.vae import (
     VAEFileError,
     calibrate_latents,
     finetune_decoder,
+    foreground_weights,
     load_vae,
     save_pixel_space_vae,
     save_vae,
@@ -231,6 +232,23 @@ def test_training_is_deterministic_and_checks_inputs():
         train_vae(images, steps=1, width=4, crop=12)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         train_vae(images[:, :2], steps=1)
+    with pytest.raises(ValueError, match="foreground_margin"):
+        train_vae(images, steps=1, width=4, foreground_weight=4.0, foreground_margin=-1)
+
+
+def test_foreground_margin_weighs_the_background_around_shapes():
+    """A drawn circle where a small diamond should be errs in the grey just around the diamond: the
+    margin gives those pixels the shapes' weight, the pixels farther out keep weight 1."""
+    x = torch.full((1, 3, 9, 9), 0.5)
+    x[0, :, 4, 4] = torch.tensor([0.9, 0.1, 0.1])  # one red pixel on grey
+    plain, wide = foreground_weights(x, 4.0), foreground_weights(x, 4.0, margin=1)
+    assert plain.shape == (1, 1, 9, 9)
+    assert plain.sum() == 81 + 4 and plain[0, 0, 4, 4] == 5
+    assert (wide[0, 0, 3:6, 3:6] == 5).all() and wide.sum() == 81 + 4 * 9
+    images = demo_images(8, 3, size=16)
+    a = train_vae(images, steps=2, seed=5, width=4, batch_size=2, foreground_weight=4.0)
+    b = train_vae(images, steps=2, seed=5, width=4, batch_size=2, foreground_weight=4.0, foreground_margin=2)
+    assert not torch.equal(a.taesd_decoder[-1].weight, b.taesd_decoder[-1].weight)
 
 
 def test_calibrate_latents_sets_scale_and_shift():

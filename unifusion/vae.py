@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -319,6 +320,7 @@ def train_vae(
     crop: int | None = None,
     foreground_weight: float = 0.0,
     edge_weight: float = 0.0,
+    foreground_margin: int = 0,
     identity_blocks: Sequence[str] = (),
     latent_noise: float = 0.0,
     callback: Callable[[int, float], None] | None = None,
@@ -327,7 +329,9 @@ def train_vae(
     cosine learning rate, random horizontal flips; then calibrate the latent statistics.
     ``foreground_weight`` adds that much weight to pixels that differ from the image's median
     colour: on sparse images (a few shapes on a plain background) the loss otherwise sits for
-    a long time on "paint the background" before it learns the shapes. ``edge_weight`` adds
+    a long time on "paint the background" before it learns the shapes. ``foreground_margin``
+    widens those pixels by that many on every side: a small diamond drawn as a circle is wrong
+    in the background pixels around it, which the plain mask weighs least. ``edge_weight`` adds
     that much of an L1 loss on pixel differences, which keeps corners sharp.
     ``identity_blocks`` (e.g. LIGHT_IDENTITY_BLOCKS) are kept as exact identities and skipped
     during training, which makes steps cheaper while the file keeps ComfyUI's layout.
@@ -353,7 +357,7 @@ def train_vae(
         _zero_init_residuals(model)
     with _Bypassed(model, identity_blocks):
         _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback,
-             latent_noise)
+             latent_noise, foreground_margin)
     model.eval()
     calibrate_latents(model, images)
     return model
@@ -370,6 +374,7 @@ def finetune_decoder(
     crop: int | None = None,
     foreground_weight: float = 0.0,
     edge_weight: float = 0.0,
+    foreground_margin: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> TinyAutoencoder:
     """Train only the decoder of a trained autoencoder, every Block included (a run with
@@ -383,7 +388,8 @@ def finetune_decoder(
     model.requires_grad_(False)
     model.taesd_decoder.requires_grad_(True)
     try:
-        _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback)
+        _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback,
+             foreground_margin=foreground_margin)
     finally:
         for param, flag in frozen:
             param.requires_grad_(flag)
@@ -398,10 +404,22 @@ def _edge_error(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean() + dy.abs().mean()
 
 
+def foreground_weights(x: torch.Tensor, weight: float, margin: int = 0) -> torch.Tensor:
+    """(B, 1, H, W) loss weights for images ``x`` (B, 3, H, W): 1 + ``weight`` on pixels that differ
+    from the image's median colour and on those within ``margin`` pixels of them, 1 elsewhere."""
+    background = x.flatten(2).median(-1).values[:, :, None, None]  # (B, 3, 1, 1)
+    shapes = ((x - background).abs().amax(1, keepdim=True) > 0.05).to(x.dtype)  # (B, 1, H, W)
+    if margin:
+        shapes = F.max_pool2d(shapes, 2 * margin + 1, stride=1, padding=margin)
+    return 1 + weight * shapes
+
+
 def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Generator, batch_size: int,
          lr: float, l1_weight: float, crop: int | None, foreground_weight: float, edge_weight: float,
-         callback: Callable[[int, float], None] | None, latent_noise: float = 0.0) -> None:
+         callback: Callable[[int, float], None] | None, latent_noise: float = 0.0, foreground_margin: int = 0) -> None:
     """The optimisation loop of `train_vae`."""
+    if foreground_margin < 0:
+        raise ValueError(f"foreground_margin must be >= 0 pixels, got {foreground_margin}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -430,8 +448,7 @@ def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Ge
         out = model.taesd_decoder(latent)  # (B, 3, H, W), unclamped
         err = out - x
         if foreground_weight:
-            background = x.flatten(2).median(-1).values[:, :, None, None]  # (B, 3, 1, 1)
-            weight = 1 + foreground_weight * ((x - background).abs().amax(1, keepdim=True) > 0.05)  # (B, 1, H, W)
+            weight = foreground_weights(x, foreground_weight, foreground_margin)
             err = err * weight / weight.mean()
         loss = err.pow(2).mean() + l1_weight * err.abs().mean()
         if edge_weight:

@@ -72,6 +72,25 @@ def test_vision_tower_size_is_configurable(tmp_path, family):
     AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
 
 
+def test_internvl_patch_grid_sets_the_image_tokens_per_tile(tmp_path):
+    """6x6 patches per 96 px tile: 3x3 tokens after the pixel shuffle, one per demo grid cell."""
+    from PIL import Image
+
+    from unifusion.vlm.loader import load_vlm
+    from unifusion.vlm.prompt import build_prompt
+
+    folder = build_tiny_vlm(tmp_path, "internvl", num_layers=2, hidden_size=32, image_size=96, patches_per_side=6)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["vision_config"]["patch_size"], config["image_seq_length"]) == ([16, 16], 9)
+    vlm = load_vlm(folder)
+    prompt = build_prompt(vlm, [Image.new("RGB", (64, 64)), "hi"], add_generation_prompt=True, max_tiles=1)
+    assert prompt.input_ids[0].tolist().count(vlm.model.config.image_token_id) == 9
+    with torch.no_grad():
+        features = vlm.model.get_image_features(pixel_values=prompt.image_inputs["pixel_values"])
+    features = getattr(features, "pooler_output", features)
+    assert sum(f.shape[-2] if f.dim() > 1 else 1 for f in features) == 9
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(TinyVLMError, match="unknown tiny VLM family"):
         build_tiny_vlm(tmp_path, "llava")
@@ -79,3 +98,5 @@ def test_bad_arguments(tmp_path):
         build_tiny_vlm(tmp_path, "internvl", hidden_size=40)
     with pytest.raises(TinyVLMError, match="vision_hidden_size"):
         build_tiny_vlm(tmp_path, "internvl", vision_hidden_size=40)
+    with pytest.raises(TinyVLMError, match="patches_per_side"):
+        build_tiny_vlm(tmp_path, "internvl", image_size=96, patches_per_side=5)

@@ -116,6 +116,7 @@ class _Sizes:
     image_size: int
     vision_hidden_size: int = 32
     vision_layers: int = 2
+    patches_per_side: int = 8  # InternVL: patches per tile side; the 0.5 pixel shuffle halves it
 
     @property
     def heads(self) -> int:
@@ -159,13 +160,13 @@ def _internvl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
         max_position_embeddings=2048, bos_token_id=ids["<s>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["</s>"], tie_word_embeddings=False,
     )
-    patch = s.image_size // 8  # 8x8 patches per tile -> 16 tokens after the 0.5 pixel shuffle
+    patch = s.image_size // s.patches_per_side  # e.g. 8x8 patches per tile -> 16 tokens after the 0.5 pixel shuffle
     vision = InternVLVisionConfig(
         hidden_size=s.vision_hidden_size, num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
         intermediate_size=2 * s.vision_hidden_size, image_size=s.image_size, patch_size=patch,
     )
     config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=16,
+        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=(s.patches_per_side // 2) ** 2,
         downsample_ratio=0.5, tie_word_embeddings=False,
     )
     return config, InternVLForConditionalGeneration
@@ -307,6 +308,7 @@ def build_tiny_vlm(
     image_size: int = 448,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    patches_per_side: int = 8,
 ) -> Path:
     """Save a tiny random `family` VLM (config, safetensors, tokenizer, image processor,
     chat template) to `folder` and return it. `image_size` is InternVL's tile size; the Qwen
@@ -316,8 +318,9 @@ def build_tiny_vlm(
         raise TinyVLMError(f"hidden_size must be a multiple of 16 and >= 32 (16-wide heads), got {hidden_size}")
     if num_layers < 1:
         raise TinyVLMError(f"num_layers must be >= 1, got {num_layers}")
-    if image_size % 8:
-        raise TinyVLMError(f"image_size must be a multiple of 8 (8x8 patches per tile), got {image_size}")
+    if patches_per_side < 2 or patches_per_side % 2 or image_size % patches_per_side:
+        raise TinyVLMError(f"image_size must split into an even number of patches per side (patches_per_side, "
+                           f"at least 2), got image_size {image_size} and patches_per_side {patches_per_side}")
     if vision_hidden_size % 16 or vision_hidden_size < 32 or vision_layers < 1:
         raise TinyVLMError(f"vision_hidden_size must be a multiple of 16 and >= 32, vision_layers >= 1; got "
                            f"{vision_hidden_size} and {vision_layers}")
@@ -326,7 +329,7 @@ def build_tiny_vlm(
     tokenizer = build_tokenizer(family, vocab)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
     sizes = _Sizes(vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size, image_size=image_size,
-                   vision_hidden_size=vision_hidden_size, vision_layers=vision_layers)
+                   vision_hidden_size=vision_hidden_size, vision_layers=vision_layers, patches_per_side=patches_per_side)
     config, model_class = spec.build(sizes, ids)
     torch.manual_seed(seed)
     model = model_class(config).eval()
