@@ -157,7 +157,8 @@ def recorded_part(defaults: Any, recorded: Any) -> Any:
     """``defaults`` cut down to the keys ``recorded`` has, level by level (a key it lacks here fails)."""
     if not isinstance(recorded, dict):
         return defaults
-    assert isinstance(defaults, dict) and set(recorded) <= set(defaults), sorted(set(recorded) - set(defaults or {}))
+    assert isinstance(defaults, dict), f"recorded options {sorted(recorded)} where the recipe has {defaults!r}"
+    assert set(recorded) <= set(defaults), f"recorded options the recipe lacks: {sorted(set(recorded) - set(defaults))}"
     return {k: recorded_part(defaults[k], v) for k, v in recorded.items()}
 
 

@@ -166,8 +166,8 @@ def _internvl(s: _Sizes, ids: dict[str, int]) -> tuple[PreTrainedConfig, type]:
         intermediate_size=2 * s.vision_hidden_size, image_size=s.image_size, patch_size=patch,
     )
     config = InternVLConfig(
-        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=(s.patches_per_side // 2) ** 2,
-        downsample_ratio=0.5, tie_word_embeddings=False,
+        vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=(s.patches_per_side // 2) ** 2, downsample_ratio=0.5, tie_word_embeddings=False,
     )
     return config, InternVLForConditionalGeneration
 
@@ -329,7 +329,8 @@ def build_tiny_vlm(
     tokenizer = build_tokenizer(family, vocab)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in spec.specials}
     sizes = _Sizes(vocab_size=len(tokenizer), num_layers=num_layers, hidden_size=hidden_size, image_size=image_size,
-                   vision_hidden_size=vision_hidden_size, vision_layers=vision_layers, patches_per_side=patches_per_side)
+                   vision_hidden_size=vision_hidden_size, vision_layers=vision_layers,
+                   patches_per_side=patches_per_side)
     config, model_class = spec.build(sizes, ids)
     torch.manual_seed(seed)
     model = model_class(config).eval()
