@@ -142,3 +142,45 @@ def test_self_attention_and_mlp_bfloat16():
     mlp = FeedForward(16, 32).to(torch.bfloat16)
     x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
     assert layer(x).dtype == torch.bfloat16 and mlp(x).dtype == torch.bfloat16
+
+
+def _recording_sdpa(monkeypatch) -> list[torch.dtype]:
+    """Record the dtype each call of torch's SDPA computes in."""
+    seen: list[torch.dtype] = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append(q.dtype)
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_cpu_half_precision_attention_computes_in_float32(monkeypatch):
+    torch.manual_seed(2)
+    b, h, n, d = 2, 2, 6, 8
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    bias = key_padding_bias(torch.tensor([[True] * 6, [True] * 4 + [False] * 2]), torch.bfloat16)
+    seen = _recording_sdpa(monkeypatch)
+    out = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), h, mask=bias, skip_reshape=True)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    ref = sdpa_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), h,
+                         mask=key_padding_bias(torch.tensor([[True] * 6, [True] * 4 + [False] * 2]), torch.float32),
+                         skip_reshape=True)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_attention_under_cpu_autocast_stays_float32_and_trains(monkeypatch):
+    torch.manual_seed(3)
+    layer = SelfAttention(16, 2)
+    x = torch.randn(2, 5, 16)
+    seen = _recording_sdpa(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert seen == [torch.float32]  # autocast would otherwise run SDPA in bfloat16
+    out.float().square().mean().backward()
+    assert layer.qkv.weight.grad is not None and torch.isfinite(layer.qkv.weight.grad).all()
+    seen.clear()
+    layer(x)
+    assert seen == [torch.float32]

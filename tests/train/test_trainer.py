@@ -235,3 +235,16 @@ def test_edit_repeat_weights_the_mixed_pool(cache) -> None:
     assert training_pool(cache, TrainConfig(stage="edit", edit_repeat=3)) == edits  # one kind: nothing to weigh
     with pytest.raises(TrainConfigError, match="edit_repeat must be >= 1"):
         TrainConfig(edit_repeat=0)
+
+
+def test_mixed_precision_can_change_between_runs_of_one_process(cache, model_config, tmp_path: Path) -> None:
+    """accelerate keeps one process-wide state; the demo's stages and these tests switch precision."""
+    losses = {}
+    for precision in ("no", "bf16", "no"):
+        cfg = replace(BASE, steps=2, save_every=2, mixed_precision=precision)
+        trainer = Trainer(model_config, cache, cfg, tmp_path / precision, progress=False)
+        assert trainer.accelerator.mixed_precision == precision
+        losses.setdefault(precision, []).append(trainer.train().losses)
+    assert losses["no"][0] == losses["no"][1]  # float32 again after bf16: the same run exactly
+    assert losses["bf16"][0] != losses["no"][0]  # the forward did run in bf16
+    assert losses["bf16"][0] == pytest.approx(losses["no"][0], rel=0.05)

@@ -118,8 +118,16 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
 
 
 def _make_accelerator(cfg: TrainConfig) -> Any:
+    """An Accelerator with the config's mixed precision. accelerate keeps one process-wide state
+    and refuses a second precision; a single process (the demo's stages, a test run) may change
+    it between runs, so that state is dropped first there. Distributed runs keep the error."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    if AcceleratorState._shared_state:
+        state = AcceleratorState()
+        if state.mixed_precision != cfg.mixed_precision and state.num_processes == 1:
+            AcceleratorState._reset_state()
     return Accelerator(mixed_precision=cfg.mixed_precision)
 
 
