@@ -116,6 +116,8 @@ def block_phases(act_bytes: int, mlp_ratio: float, device: str, rope: bool, held
         "attention": attn_in + 2 + 2,  # q, k normalised, attention output and its (B, N, D) copy
         "mlp": held + 1 + 1 + 2 * mlp_ratio,  # residual after attention, normalised input, fc1 and activation
     }
+    if device == "cpu" and act_bytes < 4:  # unifusion.attention runs CPU attention on float32 q, k, v, output
+        phases["attention"] = attn_in + 2 + 4 * f32
     if rope:  # q rotated; k upcast to float32 (16-bit only), two float32 products and their sum
         phases["rope"] = attn_in + 2 + 1 + (f32 if act_bytes < 4 else 0.0) + 3 * f32
     return phases
