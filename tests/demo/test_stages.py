@@ -1,4 +1,5 @@
-"""The demo's training records: Verifi answers are the true scenes when the recipe says so."""
+"""The demo's training records (Verifi answers are the true scenes when the recipe says so) and the
+trainer options of its DiT stages."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import replace
 from unifusion.demo.grammar import parse_detailed, sample_edits, sample_t2i
 from unifusion.demo.recipe import quick_recipe
 from unifusion.demo.scorer import read_scene
-from unifusion.demo.stages import demo_records
+from unifusion.demo.stages import _recipe_config, demo_records
 
 
 def test_records_carry_the_scene_as_their_rewrite() -> None:
@@ -25,3 +26,11 @@ def test_records_carry_the_scene_as_their_rewrite() -> None:
     assert [r.rewrite for r in row_major[:5]] == [s.detailed for s in sample_t2i(5, recipe.seed, split="train")]
     written = demo_records(replace(recipe, verifi_true_rewrites=False))
     assert all(r.rewrite is None for r in written) and [r.text for r in written] == [r.text for r in records]
+
+
+def test_every_dit_stage_trains_in_the_recipes_precision() -> None:
+    recipe = quick_recipe()
+    assert recipe.dit_mixed_precision == "bf16"
+    for stage in ("t2i", "edit"):
+        assert _recipe_config(recipe, stage).mixed_precision == "bf16"
+        assert _recipe_config(replace(recipe, dit_mixed_precision="no"), stage).mixed_precision == "no"

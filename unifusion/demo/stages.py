@@ -151,7 +151,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         loss_whitening=recipe.loss_whitening,
         stage="mixed" if stage == "edit" and recipe.edit_mix_t2i else stage,
         edit_repeat=recipe.edit_repeat if stage == "edit" else 1,
-        save_every=max(steps, 1), keep_last=1,
+        mixed_precision=recipe.dit_mixed_precision, save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))
     return TrainConfig(**{**options, **overrides})
 

@@ -127,7 +127,7 @@ STAGE_PARAMS = {
             "dit_rope_theta", "dit_absolute_position", "dit_predict_x0", "dit_image_positions", "batch_size",
             "t2i_steps", "t2i_lr",
             "condition_lr_scale", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
-            "verifi_prob", "loss_whitening"),
+            "verifi_prob", "loss_whitening", "dit_mixed_precision"),
     "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "timestep_logit_mean"),
     "decoder": ("decoder_steps", "decoder_lr"),
     "ablation": ("ablation_steps",),
