@@ -181,3 +181,23 @@ def test_shipped_files_are_those_the_recorded_run_wrote():
     # their defaults keep the behaviour it had.
     assert recorded_part(defaults, report["recipe"]) == report["recipe"]
     assert file_digests(ASSETS_DIR) == report["files"]
+
+
+def test_t2i_gets_the_same_threads_whether_or_not_the_decoder_runs_beside_it(quick_run, tmp_path, monkeypatch):
+    """bf16 kernels write other tensors on other thread counts, so a re-run that reuses the decoder
+    must train t2i on the share it had beside the decoder's worker."""
+    import shutil
+
+    from unifusion.demo import train_demo
+
+    out, work = quick_run
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(work, tmp_path / "work")
+    (tmp_path / "work" / "t2i.safetensors").unlink()  # t2i (and the edit after it) run again, the decoder is reused
+    seen, original = [], train_demo.stage_t2i
+    monkeypatch.setattr(train_demo, "stage_t2i", lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
+    threads = torch.get_num_threads()  # as in quick_run: its t2i ran beside the decoder's worker
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
+                 "--no-eval", "--jobs", "2"]) == 0
+    assert seen == [max(1, threads - threads // 2)] and torch.get_num_threads() == threads
+    assert file_digests(tmp_path / "out") == file_digests(out)

@@ -17,7 +17,7 @@ Stages (`stages`), each logged with its wall and CPU time:
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
 ``train_demo_report.json`` (recipe, library versions, metrics, timings). Everything is seeded:
-with the same ``--threads``, library versions and CPU a re-run writes the same tensors (file
+with the same ``--threads`` and ``--jobs``, library versions and CPU a re-run writes the same tensors (file
 bytes may differ only in the order of safetensors metadata, so digests are taken over the
 content). With a kept ``--work``
 folder, stages whose settings and inputs did not change are reused.
@@ -181,22 +181,28 @@ def _start_worker(stack: contextlib.ExitStack, stage: str, recipe: DemoRecipe, p
     the threads (one each on 2 cores), so neither slows the other down by oversubscription."""
     pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
     future = pool.submit(worker_job, stage, recipe, path, max(1, threads // 2))
-    torch.set_num_threads(max(1, threads - threads // 2))
     logger.info("stage %s: started in a worker process", stage)
     return future
+
+
+def _main_threads(threads: int, jobs: int) -> int:
+    """This process's threads for a stage that a worker may run beside (vlm, t2i): its share
+    whether the worker runs or its stage is reused, since bf16 kernels write other tensors on
+    other thread counts (t2i weights after 6 steps differ between 1 and 2 threads)."""
+    return max(1, threads - threads // 2) if jobs > 1 else threads
 
 
 def _finish_worker_stage(future: Any, stage: str, recipe: DemoRecipe, path: Path, log: "StageLog",
                          timer: StageTimer, threads: int) -> None:
     """Wait for the worker running ``stage``, record it and give this process all the threads
     again; without a worker (``--jobs 1``, or nothing to redo) run the stage here unless finished."""
+    torch.set_num_threads(threads)
     if future is None:
         with timer.stage(stage):
             if not log.finished(stage, path):
                 log.mark(stage, WORKER_STAGES[stage](recipe, path)[1])
         return
     metrics, timer.seconds[stage] = future.result()
-    torch.set_num_threads(threads)
     log.mark(stage, metrics)
     logger.info("stage %s: done in the worker in %.1fs (cpu %.1fs)", stage, timer.seconds[stage]["wall_s"],
                 timer.seconds[stage]["cpu_s"])
@@ -210,6 +216,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     from ..vlm.loader import load_vlm
 
     threads = torch.get_num_threads()
+    torch.set_num_threads(_main_threads(threads, jobs))
     vae_future = None
     if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE_PATH):
         vae_future = _start_worker(stack, "vae", recipe, out / DEMO_VAE_PATH, threads)
@@ -237,12 +244,13 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     if jobs > 1 and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
         decoder_future = _start_worker(stack, "decoder", recipe, out / DEMO_VAE_PATH, threads)
+    torch.set_num_threads(_main_threads(threads, jobs))
     with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
-    # The decoder is done by now (36 min against 51); the edit finetune then gets every thread.
+    # The decoder is done by now (21 min against 47.5); the edit finetune then gets every thread.
     _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads)
     if stop_after == "t2i":
         return False
@@ -271,7 +279,8 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
     the autoencoder in a second process beside the VLM."""
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer()
-    report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": torch.get_num_threads(),
+    threads = torch.get_num_threads()
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "threads": threads, "jobs": jobs,
                               "libraries": library_versions(), "metrics": {}}
     with contextlib.ExitStack() as stack:
         if work is None:
@@ -279,7 +288,10 @@ def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evalu
         work.mkdir(parents=True, exist_ok=True)
         log = StageLog(work, stage_fingerprints(recipe), reuse)
         started = time.monotonic()
-        finished = _run_stages(out, recipe, work, log, timer, stack, jobs, stop_after, ablations)
+        try:
+            finished = _run_stages(out, recipe, work, log, timer, stack, jobs, stop_after, ablations)
+        finally:
+            torch.set_num_threads(threads)  # a stage that stopped early may hold the main process's share
         report["train_wall_s"] = round(time.monotonic() - started, 1)
         report["metrics"].update({stage: log.metrics(stage) for stage in ("vlm", "vae", "decoder")})
         if finished and ((evaluate and recipe.eval_count) or grid is not None):
