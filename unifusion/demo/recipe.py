@@ -117,7 +117,7 @@ class DemoRecipe:
     # text-to-image checkpoint, 48 held-out edits went 10% -> 15% exact (identity 41% -> 48%), reconstruction
     # from one tile 17% -> 25% exact (27.6 -> 31.7 dB), plain prompts 97/86/98/100/77% -> 98/86/96/100/75%.
     # 1,000 steps at 3% gave edits 6% (identity 46%), reconstruction 25% (29.5 dB). The edit stage runs on
-    # every thread after the decoder worker is done (7.5 min on 2 cores).
+    # every thread after the decoder worker is done (4.9 min on 2 cores in bf16).
     edit_steps: int = 1000
     # 4e-4 (1,000 steps, 20%): edits 12.5% exact (identity 45%), reconstruction 33% (32.2 dB), but plain prompts
     # 95/83/95/99/73% (exact 54%).
