@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 AttentionFn = Callable[..., Tensor]
-CPU_UPCAST = (torch.bfloat16, torch.float16)
 """``fn(q, k, v, heads, mask=None, skip_reshape=False) -> (B, N, heads*dim)``."""
+CPU_UPCAST = (torch.bfloat16, torch.float16)  # input dtypes whose CPU attention runs in float32
 
 
 def sdpa_attention(
@@ -36,26 +36,28 @@ def sdpa_attention(
         b, _, inner = q.shape
         dim = inner // heads
         q, k, v = (t.view(b, -1, heads, dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, dim)
+    upcast = q.device.type == "cpu" and (q.dtype in CPU_UPCAST or torch.is_autocast_enabled("cpu"))
+    compute = torch.float32 if upcast else q.dtype
     if mask is not None:
         if mask.ndim == 2:  # (Nq, Nk) -> add batch
             mask = mask.unsqueeze(0)
         if mask.ndim == 3:  # (B, Nq, Nk) -> add heads
             mask = mask.unsqueeze(1)
-        if mask.dtype != torch.bool and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)
-    if q.device.type == "cpu" and (q.dtype in CPU_UPCAST or torch.is_autocast_enabled("cpu")):
-        return _float32_attention(q, k, v, mask).transpose(1, 2).reshape(b, -1, heads * dim)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Nq, dim)
+        if mask.dtype != torch.bool and mask.dtype != compute:
+            mask = mask.to(compute)
+    if upcast:
+        out = _float32_attention(q, k, v, mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Nq, dim)
     return out.transpose(1, 2).reshape(b, -1, heads * dim)
 
 
 def _float32_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """SDPA in float32 outside any autocast, the result in q's dtype. PyTorch's CPU kernels for
-    half-precision attention run slower than the float32 ones (forward and backward of a demo
-    training batch 3x slower in bfloat16), while the matmuls around them gain 4x."""
+    """SDPA in float32 outside any autocast (``mask`` bool or float32), the result in q's dtype.
+    PyTorch's CPU kernels for half-precision attention run slower than the float32 ones (forward
+    and backward of a demo training batch 3x slower in bfloat16), while the matmuls around them
+    gain 4x."""
     dtype = q.dtype
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.float()
     with torch.autocast("cpu", enabled=False):
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
     return out.to(dtype)  # (B, heads, Nq, dim)
