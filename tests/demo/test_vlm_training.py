@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unifusion.demo.grammar import VOCAB, detailed, sample_edits, sample_t2i
+from unifusion.demo.grammar import VOCAB, detailed, sample_compositions, sample_edits, sample_t2i
 from unifusion.demo.vlm_training import (
     IGNORE,
     VLMTrainConfig,
@@ -24,6 +24,8 @@ from unifusion.demo.vlm_training import (
     lm_loss,
     normalise_rewrite,
     parse_rewrite,
+    scene_readout_head,
+    scene_readout_loss,
     train_lm,
 )
 from unifusion.demo import vlm_training
@@ -200,3 +202,54 @@ def test_rewrites_answer_in_named_or_row_major_order(vlm):
         assert normalise_rewrite(vlm.tokenizer.decode(b.input_ids[b.answer_start:-1])) == sample.detailed
         differ += a.task == "rewrite" and sample.rewrite != sample.detailed
     assert differ > 0
+
+
+def test_scene_readout_trains_the_image_path_and_skips_text_only_batches(folder):
+    """The read-out loss reaches the vision tower through the projected image tokens; a batch
+    without images adds nothing; a zero weight builds no head and trains as before."""
+    vlm = load_vlm(folder)
+    captions = build_examples(vlm, 4, seed=0, task_weights=(1, 0, 0))
+    assert all(e.cells is not None and e.cells.shape == (1, 9) for e in captions)
+    assert scene_readout_loss(vlm.model, scene_readout_head(vlm.model), build_examples(
+        vlm, 4, seed=0, task_weights=(0, 1, 0))) is None
+    head = scene_readout_head(vlm.model)
+    vlm.model.requires_grad_(True)  # load_vlm hands a frozen model
+    loss = scene_readout_loss(vlm.model, head, captions)
+    loss.backward()
+    vision = [p.grad for n, p in vlm.model.named_parameters() if "vision_tower" in n]
+    assert torch.isfinite(loss) and any(g is not None and g.abs().sum() > 0 for g in vision)
+
+    def trained(weight):
+        model = load_vlm(folder)
+        train_lm(model, build_examples(model, 4, seed=0, task_weights=(1, 0, 0)),
+                 VLMTrainConfig(steps=2, batch_size=4, warmup_steps=1, lr=1e-2, image_readout_weight=weight))
+        return {n: p.detach().clone() for n, p in model.model.named_parameters()}
+
+    plain, again, readout = trained(0.0), trained(0.0), trained(1.0)
+    assert all(torch.equal(plain[n], again[n]) for n in plain)
+    projector = [n for n in plain if "multi_modal_projector" in n]
+    assert projector and any(not torch.equal(plain[n], readout[n]) for n in projector)
+    with pytest.raises(ValueError, match="image_readout_weight"):
+        VLMTrainConfig(image_readout_weight=-1.0)
+
+
+def test_compositions_show_every_reference_and_answer_the_combined_scene(monkeypatch, vlm):
+    """Composition examples carry 2 or 3 one-shape images (one tile and one row of read-out cells
+    each) and answer with the combined scene; ``compose_exact`` scores two-reference rewrites."""
+    examples = build_examples(vlm, 6, seed=4, task_weights=(0, 0, 0, 1))
+    assert [e.task for e in examples] == ["compose"] * 6
+    assert sorted({len(e.pixel_values) for e in examples}) == [2, 3]
+    image_id = int(vlm.model.config.image_token_id)
+    for e in examples:
+        assert e.cells.shape == (len(e.pixel_values), 9) and (e.cells > 0).sum(1).tolist() == [1] * len(e.cells)
+        assert int((e.input_ids == image_id).sum()) == 16 * len(e.pixel_values)
+        answer = normalise_rewrite(vlm.tokenizer.decode(e.input_ids[e.answer_start:-1]))
+        assert parse_rewrite(answer) is not None and len(parse_rewrite(answer).shapes) == len(e.pixel_values)
+    targets = {c.instruction: c.detailed for c in sample_compositions(8, SPLIT_SEEDS["val"] + 4, refs=2)}
+
+    def fake_batch(_vlm, texts, images, **_kw):
+        return [SimpleNamespace(text=targets.get(t, "") if len(imgs) == 2 else "") for t, imgs in zip(texts, images)]
+
+    monkeypatch.setattr(vlm_training, "verifi_rewrite_batch", fake_batch)
+    metrics = evaluate_rewrites(vlm, 8)
+    assert metrics["compose_exact"] == 1.0 and metrics["edit_exact"] == 0.0

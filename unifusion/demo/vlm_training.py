@@ -6,7 +6,12 @@ Verifi-style tasks, all answered with the canonical detailed rewrite (`grammar.d
 
 * captioning: an image alone -> its scene;
 * rewriting: a paraphrased, possibly underspecified caption -> the scene;
-* edit rewriting: a source image + an edit instruction -> the edited scene.
+* edit rewriting: a source image + an edit instruction -> the edited scene;
+* composition rewriting: 2 or 3 one-shape images + an instruction that places them -> the combined
+  scene. The DiT never trains on several references; this teaches the VLM, the stand-in for a
+  pretrained one, to read several images, as a general VLM does.
+
+Beside the answer loss, a scene read-out loss keeps every image's tokens telling shapes apart.
 
 Every input is built by `unifusion.vlm.prompt.build_prompt` with the generation prompt, and
 the answer ids plus the end-of-turn token follow it: exactly the sequence ``generate``
@@ -17,6 +22,7 @@ cache encodes captions and images without one. The loss covers the answer tokens
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -35,13 +41,14 @@ from ..vlm.prompt import build_prompt
 from ..vlm.tiny import build_tiny_vlm
 from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT
 from .batch_verifi import verifi_rewrite_batch
-from .grammar import VOCAB, GrammarError, parse_detailed, sample_edits, sample_t2i, words
+from .grammar import VOCAB, GrammarError, parse_detailed, sample_compositions, sample_edits, sample_t2i, words
+from .image_probe import LOOKS, cell_classes, projected_image_tokens
 from .scorer import score_scene
-from .world import SPLIT_SEEDS, Scene, SceneError, render
+from .world import GRID, SPLIT_SEEDS, Scene, SceneError, render
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("caption", "rewrite", "edit")
+TASKS = ("caption", "rewrite", "edit", "compose")
 IGNORE = -100
 
 
@@ -88,6 +95,12 @@ class VLMTrainConfig:
     # 51% -> 50%), yet the DiT did not learn to read those tokens: the full run on them reconstructed 0% of
     # scenes exactly from one tile (shapes 10%) and edited 2% (the shipped model: 12% and 8%).
     frozen: tuple[str, ...] = ()
+    # Weight of a scene read-out loss beside the answer loss: a linear head (dropped after training) names
+    # every grid cell's content from the flattened image tokens of each image shown, so the vision tower and
+    # projector keep what tells shapes apart while they learn what the language model needs. At 1.0 (with
+    # compositions, below) `image_probe` reads 98% of the shapes and 96% of the scenes back (77% and 62%
+    # without); captions 35% exact (38%), rewrites 48% (51%), edit rewrites 20% (17.5%).
+    image_readout_weight: float = 1.0
     steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
@@ -96,7 +109,9 @@ class VLMTrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     pool_size: int = 8000  # distinct training examples, cycled in seeded epochs
-    task_weights: tuple[float, float, float] = (0.2, 0.6, 0.2)  # caption, rewrite, edit
+    # caption, rewrite, edit, compose. Compositions (half with 2 images, half with 3) teach the VLM to read
+    # several images: 17% of 200 two-image compositions rewritten exactly (1% without them).
+    task_weights: tuple[float, ...] = (0.18, 0.54, 0.18, 0.1)
     no_system_prob: float = 0.2  # share of examples without the system prompt
     split: str = "train"  # held-out colour/kind pairs stay unseen (see world.HELDOUT_PAIRS)
     # Rewrites of a prompt list its shapes in the order the prompt names them (`T2ISample.rewrite`), so the
@@ -111,9 +126,11 @@ class VLMTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
-            raise ValueError(f"task_weights must be {len(TASKS)} non-negative weights for {TASKS}, "
-                             f"got {self.task_weights}")
+        if not 0 < len(self.task_weights) <= len(TASKS) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
+            raise ValueError(f"task_weights must be up to {len(TASKS)} non-negative weights for {TASKS} "
+                             f"(missing ones are 0), got {self.task_weights}")
+        if self.image_readout_weight < 0:
+            raise ValueError(f"VLMTrainConfig.image_readout_weight must be >= 0, got {self.image_readout_weight}")
         for name in ("steps", "batch_size", "pool_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VLMTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -128,38 +145,51 @@ class LMExample:
     pixel_values: Optional[Tensor]  # (n_tiles, 3, h, w) or None
     task: str
     system: bool  # carries the system prompt (examples are grouped by it to share the prefix)
+    cells: Optional[Tensor] = None  # (images, GRID * GRID) long: `cell_classes` of each image, if any
 
 
-def _example(vlm: LoadedVLM, content: list[Any], answer: str, system: Optional[str], task: str) -> LMExample:
+def _example(vlm: LoadedVLM, text: Optional[str], images: Sequence[Scene], answer: str, system: Optional[str],
+             task: str) -> LMExample:
+    content: list[Any] = [render(s) for s in images] + ([text] if text is not None else [])
     prompt = build_prompt(vlm, content, system_prompt=system, add_generation_prompt=True, max_tiles=1)
     answer_ids = vlm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [vlm.tokenizer.eos_token_id]
     ids = torch.cat([prompt.input_ids[0], torch.tensor(answer_ids, dtype=torch.long)])
     pixels = prompt.image_inputs.get("pixel_values")
-    return LMExample(ids, int(prompt.input_ids.shape[1]), pixels, task, system is not None)
+    cells = torch.tensor([cell_classes(s) for s in images]) if images else None
+    return LMExample(ids, int(prompt.input_ids.shape[1]), pixels, task, system is not None, cells)
 
 
-def build_examples(vlm: LoadedVLM, count: int, seed: int, task_weights: Sequence[float] = (0.3, 0.45, 0.25),
+def build_examples(vlm: LoadedVLM, count: int, seed: int, task_weights: Sequence[float] = (0.3, 0.45, 0.25, 0.0),
                    no_system_prob: float = 0.2, split: str = "all", named_order: bool = False) -> list[LMExample]:
-    """``count`` examples drawn from seeded grammar streams; the task of each from ``task_weights``.
+    """``count`` examples drawn from seeded grammar streams; the task of each from ``task_weights``
+    (one per `TASKS` entry, missing ones 0).
     Captions answer with the row-major description; rewrites with ``T2ISample.rewrite`` when
     ``named_order``, else the same row-major one."""
     rng = random.Random(seed)
-    tasks = rng.choices(TASKS, weights=task_weights, k=count)
+    weights = tuple(task_weights) + (0.0,) * (len(TASKS) - len(task_weights))
+    tasks = rng.choices(TASKS, weights=weights, k=count)
     n = {t: tasks.count(t) for t in TASKS}
     t2i = iter(sample_t2i(n["caption"] + n["rewrite"], seed, split))
     edits = iter(sample_edits(n["edit"], seed + 1, split))
+    three = sample_compositions(n["compose"] // 2, seed + 3, refs=3, split=split)
+    two = sample_compositions(n["compose"] - len(three), seed + 2, refs=2, split=split)
+    compositions = iter([c for pair in itertools.zip_longest(two, three) for c in pair if c is not None])
     out = []
     for task in tasks:
         system = None if rng.random() < no_system_prob else DEFAULT_SYSTEM_PROMPT
         if task == "edit":
             e = next(edits)
-            out.append(_example(vlm, [render(e.source), e.instruction], e.detailed, system, task))
+            out.append(_example(vlm, e.instruction, [e.source], e.detailed, system, task))
+            continue
+        if task == "compose":
+            c = next(compositions)
+            out.append(_example(vlm, c.instruction, c.sources, c.detailed, system, task))
             continue
         s = next(t2i)
         if task == "caption":
-            out.append(_example(vlm, [render(s.scene)], s.detailed, system, task))
+            out.append(_example(vlm, None, [s.scene], s.detailed, system, task))
         else:
-            out.append(_example(vlm, [s.caption], s.rewrite if named_order else s.detailed, system, task))
+            out.append(_example(vlm, s.caption, [], s.rewrite if named_order else s.detailed, system, task))
     return out
 
 
@@ -231,6 +261,26 @@ def lm_loss(model: torch.nn.Module, examples: Sequence[LMExample], pad_id: int, 
     return total / max(count, 1)
 
 
+def scene_readout_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The linear head of the scene read-out loss: one tile's flattened image tokens (InternVL's
+    ``image_seq_length`` of them, text width) -> every grid cell's class (empty or one of `LOOKS`)."""
+    config = model.config
+    return torch.nn.Linear(config.image_seq_length * config.text_config.hidden_size,
+                           GRID * GRID * (1 + len(LOOKS)))
+
+
+def scene_readout_loss(model: torch.nn.Module, head: torch.nn.Linear, examples: Sequence[LMExample]
+                       ) -> Optional[Tensor]:
+    """Mean cross-entropy of ``head`` naming each cell of the examples' images from their projected
+    image tokens; None when no example has an image."""
+    pictured = [e for e in examples if e.cells is not None]
+    if not pictured:
+        return None
+    tokens = projected_image_tokens(model, torch.cat([e.pixel_values for e in pictured]))  # (N, tokens, width)
+    logits = head(tokens.flatten(1).float()).view(-1, 1 + len(LOOKS))
+    return F.cross_entropy(logits, torch.cat([e.cells for e in pictured]).flatten())
+
+
 def image_token_ids(vlm: LoadedVLM) -> tuple[int, ...]:
     """Ids of the image placeholder and its start/end markers (a shared prefix stops before them)."""
     tok = vlm.tokenizer
@@ -264,7 +314,9 @@ def train_lm(vlm: LoadedVLM, examples: Sequence[LMExample], cfg: VLMTrainConfig,
     model.train().requires_grad_(True)
     for module in frozen_modules(model, cfg.frozen):
         module.requires_grad_(False)
+    head = scene_readout_head(model) if cfg.image_readout_weight > 0 else None
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained += [(f"readout.{n}", p) for n, p in (head.named_parameters() if head is not None else [])]
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -281,16 +333,21 @@ def train_lm(vlm: LoadedVLM, examples: Sequence[LMExample], cfg: VLMTrainConfig,
         picked, order = order[: cfg.batch_size], order[cfg.batch_size:]
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
-        loss = lm_loss(model, [examples[i] for i in picked], pad_id, stop_ids)
+        batch = [examples[i] for i in picked]
+        loss = lm_loss(model, batch, pad_id, stop_ids)
+        readout = scene_readout_loss(model, head, batch) if head is not None else None
+        total = loss if readout is None else loss + cfg.image_readout_weight * readout
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.max_grad_norm)
         opt.step()
         losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])
         if step % 50 == 0 or step == cfg.steps - 1:
-            logger.info("vlm step %d/%d loss %.4f (%.0fs)", step + 1, cfg.steps, losses[-1], time.monotonic() - start)
+            extra = f" read-out {float(readout.detach()):.4f}" if readout is not None else ""
+            logger.info("vlm step %d/%d loss %.4f%s (%.0fs)", step + 1, cfg.steps, losses[-1], extra,
+                        time.monotonic() - start)
     model.eval().requires_grad_(False)
     return losses
 
@@ -336,7 +393,8 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
     states; ``rewrite_colour`` / ``rewrite_kind``: the share of the captions' shapes whose colour / kind
     the rewrite keeps, each matched to its partner by every attribute the caption states (an
     unparsed rewrite keeps none); ``caption_exact``: images described exactly; ``edit_exact``: source image +
-    instruction rewritten to exactly the edited scene; ``*_parsed``: rewrites that parse."""
+    instruction rewritten to exactly the edited scene; ``compose_exact``: two one-shape images +
+    a composition instruction rewritten to exactly the combined scene; ``*_parsed``: rewrites that parse."""
     def rewrite(texts: list[str], images: list[list[Any]]) -> list[Optional[Scene]]:
         out = []
         for start in range(0, len(texts), batch_size):
@@ -368,4 +426,7 @@ def evaluate_rewrites(vlm: LoadedVLM, count: int = 200, seed: int = SPLIT_SEEDS[
     scenes = rewrite([e.instruction for e in edits], [[render(e.source)] for e in edits])
     out["edit_exact"] = rate([got == e.target for e, got in zip(edits, scenes)])
     out["edit_parsed"] = rate([got is not None for got in scenes])
+    compositions = sample_compositions(count, seed + 4, refs=2)
+    scenes = rewrite([c.instruction for c in compositions], [[render(s) for s in c.sources] for c in compositions])
+    out["compose_exact"] = rate([got == c.target for c, got in zip(compositions, scenes)])
     return out
