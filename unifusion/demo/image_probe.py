@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .world import COLOURS, GRID, KINDS, SIZES, SPLIT_SEEDS, Scene, mixed_scenes, render
 
 LOOKS = [(c, k, s) for c in COLOURS for k in KINDS for s in SIZES]  # class i + 1; class 0 is an empty cell
+CELL_CLASSES = 1 + len(LOOKS)  # what one grid cell can hold
 
 
 def cell_classes(scene: Scene) -> list[int]:
@@ -60,7 +61,7 @@ def fit_readout(train: torch.Tensor, train_classes: torch.Tensor, test: torch.Te
                 seed: int = 0) -> torch.Tensor:
     """Fit one linear map from the flattened, standardised tokens to every cell's class (full-batch
     Adam, seeded); returns the predicted classes of ``test``, (N, cells)."""
-    cells, classes = train_classes.shape[1], 1 + len(LOOKS)
+    cells, classes = train_classes.shape[1], CELL_CLASSES
     x, y = train.flatten(1), test.flatten(1)
     mean, std = x.mean(0), x.std(0) + 1e-5
     x, y = (x - mean) / std, (y - mean) / std

@@ -42,7 +42,7 @@ from ..vlm.tiny import build_tiny_vlm
 from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT
 from .batch_verifi import verifi_rewrite_batch
 from .grammar import VOCAB, GrammarError, parse_detailed, sample_compositions, sample_edits, sample_t2i, words
-from .image_probe import LOOKS, cell_classes, projected_image_tokens
+from .image_probe import CELL_CLASSES, cell_classes, projected_image_tokens
 from .scorer import score_scene
 from .world import GRID, SPLIT_SEEDS, Scene, SceneError, render
 
@@ -266,7 +266,7 @@ def scene_readout_head(model: torch.nn.Module) -> torch.nn.Linear:
     ``image_seq_length`` of them, text width) -> every grid cell's class (empty or one of `LOOKS`)."""
     config = model.config
     return torch.nn.Linear(config.image_seq_length * config.text_config.hidden_size,
-                           GRID * GRID * (1 + len(LOOKS)))
+                           GRID * GRID * CELL_CLASSES)
 
 
 def scene_readout_loss(model: torch.nn.Module, head: torch.nn.Linear, examples: Sequence[LMExample]
@@ -277,7 +277,7 @@ def scene_readout_loss(model: torch.nn.Module, head: torch.nn.Linear, examples: 
     if not pictured:
         return None
     tokens = projected_image_tokens(model, torch.cat([e.pixel_values for e in pictured]))  # (N, tokens, width)
-    logits = head(tokens.flatten(1).float()).view(-1, 1 + len(LOOKS))
+    logits = head(tokens.flatten(1).float()).view(-1, CELL_CLASSES)
     return F.cross_entropy(logits, torch.cat([e.cells for e in pictured]).flatten())
 
 
@@ -316,7 +316,9 @@ def train_lm(vlm: LoadedVLM, examples: Sequence[LMExample], cfg: VLMTrainConfig,
         module.requires_grad_(False)
     head = scene_readout_head(model) if cfg.image_readout_weight > 0 else None
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trained += [(f"readout.{n}", p) for n, p in (head.named_parameters() if head is not None else [])]
+    if head is not None:
+        trained += [(f"readout.{n}", p) for n, p in head.named_parameters()]
+    clipped = [p for _, p in trained]
     decay = [p for n, p in trained if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in trained if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -339,7 +341,7 @@ def train_lm(vlm: LoadedVLM, examples: Sequence[LMExample], cfg: VLMTrainConfig,
         total = loss if readout is None else loss + cfg.image_readout_weight * readout
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(clipped, cfg.max_grad_norm)
         opt.step()
         losses.append(float(loss.detach()))
         if callback is not None:
