@@ -8,11 +8,14 @@ runs attention in float32 on CPU. Rows, all on the same model, batch and draws:
 
 - ``float32``: no autocast (the baseline);
 - ``bf16 autocast``: the trainer's setting, attention in float32 (ours);
-- ``bf16 autocast, bf16 attention``: the same with torch's own SDPA under autocast.
+- ``bf16 autocast, bf16 attention``: the same with torch's own SDPA under autocast;
+- ``bf16 autocast, FLUX matrix RoPE``: ours with RoPE written as FLUX writes it (a broadcast product of
+  (dim/2, 2, 2) rotation matrices), which gives the same bits as ours (`unifusion.attention._apply_rope1`).
 
 Each figure is the median CPU seconds of ``--repeats`` steps (forward, backward, AdamW) after a
 warm-up, the methods interleaved. Goal: bf16 autocast / float32 <= 0.75 where the CPU has
-bfloat16 support (``torch.backends.mkldnn`` reports it); elsewhere the row is informative.
+bfloat16 support (``torch.backends.mkldnn`` reports it); elsewhere the row is informative. The
+FLUX RoPE row has no goal; its ratio to ours is printed below the table.
 
     python benchmarks/train_precision.py [--batch 32] [--cond 24] [--repeats 5]
 """
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import interleaved, log_lines, median, setup, table, verdict  # noqa: E402
+import unifusion.attention as attention  # noqa: E402
 from unifusion.attention import sdpa_attention  # noqa: E402
 from unifusion.config import VLMIdentity, make_config  # noqa: E402
 from unifusion.demo.recipe import DemoRecipe, dit_config  # noqa: E402
@@ -44,6 +48,24 @@ def torch_attention(q, k, v, heads, mask=None, skip_reshape=False):
     """torch's SDPA as autocast runs it (bfloat16 under CPU autocast), ComfyUI's calling convention."""
     b, _, n, dim = q.shape
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, heads * dim)
+
+
+def flux_matrix_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """RoPE as ``comfy/ldm/flux/math.py`` writes it: the rotation matrices times the channel pairs."""
+    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)  # (B, H, N, dim/2, 1, 2)
+    return (freqs[..., 0] * x_[..., 0] + freqs[..., 1] * x_[..., 1]).reshape(*x.shape).type_as(x)
+
+
+def with_rope(rope: Callable, step: Callable[[], float]) -> Callable[[], float]:
+    """``step`` with ``rope`` as the attention module's pair rotation for its duration."""
+    def run() -> float:
+        ours, attention._apply_rope1 = attention._apply_rope1, rope
+        try:
+            return step()
+        finally:
+            attention._apply_rope1 = ours
+
+    return run
 
 
 def training_step(model: UniFusionModel, batch: int, cond: int, bf16: bool) -> Callable[[], float]:
@@ -82,7 +104,9 @@ def measure(batch: int, cond: int, repeats: int) -> dict[str, float]:
     """Median seconds per training step of each method."""
     steps = {"float32": training_step(demo_model(sdpa_attention), batch, cond, bf16=False),
              "bf16 autocast": training_step(demo_model(sdpa_attention), batch, cond, bf16=True),
-             "bf16 autocast, bf16 attention": training_step(demo_model(torch_attention), batch, cond, bf16=True)}
+             "bf16 autocast, bf16 attention": training_step(demo_model(torch_attention), batch, cond, bf16=True),
+             "bf16 autocast, FLUX matrix RoPE": with_rope(flux_matrix_rope, training_step(
+                 demo_model(sdpa_attention), batch, cond, bf16=True))}
     times = interleaved(steps, repeats)
     return {name: median(values) for name, values in times.items()}
 
@@ -104,6 +128,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     rows = [(name, s, s / base, verdict(s / base, 0.75) if name == "bf16 autocast" and supported else "")
             for name, s in seconds.items()]
     log_lines(table(("method", "s / step", "/ float32", "goal <= 0.75"), rows))
+    logger.info("FLUX matrix RoPE / ours (bf16 autocast): %.2f",
+                seconds["bf16 autocast, FLUX matrix RoPE"] / seconds["bf16 autocast"])
     return seconds
 
 

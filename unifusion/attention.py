@@ -110,9 +110,14 @@ def rope_frequencies(ids: Tensor, axes_dim: Sequence[int], theta: float) -> Tens
 
 
 def _apply_rope1(x: Tensor, freqs: Tensor) -> Tensor:
-    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)  # (B, H, N, dim/2, 1, 2)
-    out = freqs[..., 0] * x_[..., 0] + freqs[..., 1] * x_[..., 1]  # (B, H, N, dim/2, 2)
-    return out.reshape(*x.shape).type_as(x)
+    """Rotate each adjacent channel pair of ``x`` by its ``freqs`` matrix [[cos, -sin], [sin, cos]].
+
+    Written with the matrix's cos and sin rather than as FLUX's broadcast matrix product: the same float32
+    products and sums, so the same bits forward and backward, without the (..., dim/2, 2, 2) temporaries
+    whose backward sums over the broadcast axis (`benchmarks/train_precision.py` measures both)."""
+    cos, sin = freqs[..., 0, 0], freqs[..., 1, 0]  # (B, 1, N, dim/2)
+    x0, x1 = x.to(freqs.dtype).unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, N, dim/2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
 def apply_rope(q: Tensor, k: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""The precision benchmark's training step: the three methods train the same model on the same draws."""
+"""The precision benchmark's training step: the methods train the same model on the same draws."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.train_precision import demo_model, main, torch_attention, training_step  # noqa: E402
+from benchmarks.train_precision import demo_model, flux_matrix_rope, main, torch_attention, training_step  # noqa: E402
+from benchmarks.train_precision import with_rope  # noqa: E402
 from unifusion.attention import sdpa_attention  # noqa: E402
 
 
@@ -26,13 +27,25 @@ def test_the_methods_compute_the_same_step_and_learn() -> None:
     assert all(run[-1] < run[0] for run in losses.values())
 
 
+def test_flux_matrix_rope_row_trains_the_same_bits_and_restores_ours() -> None:
+    import unifusion.attention as attention
+
+    ours_rope = attention._apply_rope1
+    steps = [training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True),
+             with_rope(flux_matrix_rope, training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True))]
+    assert [steps[0]() for _ in range(3)] == [steps[1]() for _ in range(3)]
+    assert attention._apply_rope1 is ours_rope
+
+
 def test_main_prints_every_method(capsys) -> None:
     threads = torch.get_num_threads()
     try:
         seconds = main(["--batch", "2", "--cond", "4", "--repeats", "1"])
     finally:
         torch.set_num_threads(threads)  # main() runs on one thread, like every benchmark
-    assert set(seconds) == {"float32", "bf16 autocast", "bf16 autocast, bf16 attention"}
+    assert set(seconds) == {"float32", "bf16 autocast", "bf16 autocast, bf16 attention",
+                            "bf16 autocast, FLUX matrix RoPE"}
     assert all(s > 0 for s in seconds.values())
     printed = capsys.readouterr().out
     assert "/ float32" in printed and "bf16 autocast, bf16 attention" in printed
+    assert "FLUX matrix RoPE / ours" in printed
