@@ -95,28 +95,6 @@ def test_rope_matches_complex_reference():
     torch.testing.assert_close(k2, complex_rope_reference(k, ids, axes, 10000.0), atol=1e-5, rtol=1e-5)
 
 
-def flux_matrix_rope(x, freqs):
-    """FLUX's formulation (comfy/ldm/flux/math.py): the (dim/2, 2, 2) matrices times the channel pairs."""
-    x_ = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    return (freqs[..., 0] * x_[..., 0] + freqs[..., 1] * x_[..., 1]).reshape(*x.shape).type_as(x)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_gives_flux_matrix_bits_forward_and_backward(dtype):
-    """Same float32 arithmetic as the matrix form, so swapping it in leaves trained weights unchanged."""
-    torch.manual_seed(5)
-    freqs = rope_frequencies(torch.randint(0, 9, (2, 11, 3)).float(), (4, 6, 6), 100.0)
-    grad = torch.randn(2, 3, 11, 16, dtype=dtype)
-    outs = []
-    for fn in (lambda x: apply_rope(x, x, freqs)[0], lambda x: flux_matrix_rope(x, freqs)):
-        x = torch.randn(2, 3, 11, 16, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_(True)
-        y = fn(x)
-        y.backward(grad)
-        outs.append((y.detach(), x.grad))
-    assert outs[0][0].dtype == dtype
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-
-
 def test_rope_scores_depend_on_relative_position_only():
     torch.manual_seed(3)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.train_precision import demo_model, flux_matrix_rope, main, torch_attention, training_step  # noqa: E402
 from benchmarks.train_precision import with_rope  # noqa: E402
-from unifusion.attention import sdpa_attention  # noqa: E402
+import unifusion.attention as attention  # noqa: E402
+from unifusion.attention import apply_rope, rope_frequencies, sdpa_attention  # noqa: E402
 
 
 def test_the_methods_compute_the_same_step_and_learn() -> None:
@@ -27,9 +28,23 @@ def test_the_methods_compute_the_same_step_and_learn() -> None:
     assert all(run[-1] < run[0] for run in losses.values())
 
 
-def test_flux_matrix_rope_row_trains_the_same_bits_and_restores_ours() -> None:
-    import unifusion.attention as attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_gives_flux_matrix_bits_forward_and_backward(dtype):
+    """Same float32 arithmetic as the matrix form, so swapping it in leaves trained weights unchanged."""
+    torch.manual_seed(5)
+    freqs = rope_frequencies(torch.randint(0, 9, (2, 11, 3)).float(), (4, 6, 6), 100.0)
+    grad = torch.randn(2, 3, 11, 16, dtype=dtype)
+    outs = []
+    for fn in (lambda x: apply_rope(x, x, freqs)[0], lambda x: flux_matrix_rope(x, freqs)):
+        x = torch.randn(2, 3, 11, 16, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_(True)
+        y = fn(x)
+        y.backward(grad)
+        outs.append((y.detach(), x.grad))
+    assert outs[0][0].dtype == dtype
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
+
+def test_flux_matrix_rope_row_trains_the_same_bits_and_restores_ours() -> None:
     ours_rope = attention._apply_rope1
     steps = [training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True),
              with_rope(flux_matrix_rope, training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True))]
