@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,17 @@ def test_flux_matrix_rope_row_trains_the_same_bits_and_restores_ours() -> None:
              with_rope(flux_matrix_rope, training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True))]
     assert [steps[0]() for _ in range(3)] == [steps[1]() for _ in range(3)]
     assert attention._apply_rope1 is ours_rope
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+def test_compiled_row_trains_the_same_model_to_within_rounding() -> None:
+    """The torch.compile row measures the same step: same model, draws and losses up to kernel rounding."""
+    eager = training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True)
+    compiled = training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True, compile=True)
+    losses = [[step() for _ in range(3)] for step in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
+    assert losses[1][-1] < losses[1][0]
 
 
 def test_main_prints_every_method(capsys) -> None:
