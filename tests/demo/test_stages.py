@@ -1,5 +1,5 @@
 """The demo's training records (Verifi answers are the true scenes when the recipe says so) and the
-trainer options of its DiT stages."""
+trainer options of its DiT stages, and the warning after a VLM stage whose rewrites lost the shapes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import replace
 from unifusion.demo.grammar import parse_detailed, sample_edits, sample_t2i
 from unifusion.demo.recipe import quick_recipe
 from unifusion.demo.scorer import read_scene
-from unifusion.demo.stages import _recipe_config, demo_records
+from unifusion.demo.stages import _recipe_config, demo_records, vlm_shape_warning
 
 
 def test_records_carry_the_scene_as_their_rewrite() -> None:
@@ -34,3 +34,10 @@ def test_every_dit_stage_trains_in_the_recipes_precision() -> None:
     for stage in ("t2i", "edit"):
         assert _recipe_config(recipe, stage).mixed_precision == "bf16"
         assert _recipe_config(replace(recipe, dit_mixed_precision="no"), stage).mixed_precision == "no"
+
+
+def test_a_vlm_that_does_not_keep_shapes_is_flagged() -> None:
+    failed = vlm_shape_warning({"rewrite_kind": 0.30, "rewrite_colour": 0.98})
+    assert failed is not None and "30%" in failed and "named_order" in failed
+    assert vlm_shape_warning({"rewrite_kind": 0.81}) is None
+    assert vlm_shape_warning({}) is None  # no evaluation, nothing to judge
