@@ -22,7 +22,7 @@ from .evaluate import scene_pixels
 from .grammar import sample_edits, sample_t2i
 from .recipe import DemoRecipe, dit_config
 from .vlm_training import evaluate_rewrites, train_demo_vlm
-from .world import mixed_scenes, render
+from .world import KINDS, mixed_scenes, render
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -30,7 +30,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 # Share of the prompts' shapes a rewrite keeps (`evaluate_rewrites`' rewrite_kind) below which the VLM has not
-# learnt to copy shapes: chance is 1 in 4; the shipped VLM keeps 81%, failed named-order runs kept 20-30%.
+# learnt to copy shapes: chance is 1 in len(KINDS); the shipped VLM keeps 81%, failed named-order runs kept 20-30%.
 SHAPES_KEPT_FLOOR = 0.5
 
 
@@ -40,10 +40,10 @@ def vlm_shape_warning(metrics: dict[str, float]) -> Optional[str]:
     kept = metrics.get("rewrite_kind")
     if kept is None or kept >= SHAPES_KEPT_FLOOR:
         return None
-    return (f"the VLM's rewrites keep only {kept:.0%} of the prompts' shapes (chance 25%, the shipped VLM 81%): it "
-            "has not learnt to copy shapes, so Verifi prompts through it will draw wrong ones. Stop here and train "
-            "the VLM again with another --seed, or with row-major rewrites (VLMTrainConfig.named_order=False); "
-            "see the README, 'when the VLM learns shapes'")
+    return (f"the VLM's rewrites keep only {kept:.0%} of the prompts' shapes (chance {1 / len(KINDS):.0%}, the "
+            "shipped VLM 81%): it has not learnt to copy shapes, so Verifi prompts through it will draw wrong ones. "
+            "Stop here and train the VLM again with another --seed, or with row-major rewrites "
+            "(VLMTrainConfig.named_order=False); see the README, 'when the VLM learns shapes'")
 
 
 def stage_vlm(recipe: DemoRecipe, folder: Path) -> tuple[Any, dict[str, float]]:
