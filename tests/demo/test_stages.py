@@ -38,6 +38,6 @@ def test_every_dit_stage_trains_in_the_recipes_precision() -> None:
 
 def test_a_vlm_that_does_not_keep_shapes_is_flagged() -> None:
     failed = vlm_shape_warning({"rewrite_kind": 0.30, "rewrite_colour": 0.98})
-    assert failed is not None and "30%" in failed and "named_order" in failed
+    assert failed is not None and "30%" in failed and "fixed_lm_head" in failed
     assert vlm_shape_warning({"rewrite_kind": 0.81}) is None
     assert vlm_shape_warning({}) is None  # no evaluation, nothing to judge

@@ -19,6 +19,7 @@ from unifusion.demo.vlm_training import (
     collate_lm,
     demo_vocab,
     evaluate_rewrites,
+    fix_output_embeddings,
     frozen_modules,
     image_token_ids,
     lm_loss,
@@ -130,7 +131,7 @@ def test_learned_rewrite_comes_back_through_verifi(vlm):
     """Train on one rewrite until memorised: greedy Verifi must then produce exactly that
     answer, which only happens when training and inference sequences agree token by token."""
     example = build_examples(vlm, 1, seed=5, task_weights=(0, 1, 0), no_system_prob=0.0)[0]
-    cfg = VLMTrainConfig(num_layers=2, hidden_size=32, steps=60, batch_size=2, lr=1e-2, warmup_steps=5, seed=0)
+    cfg = VLMTrainConfig(num_layers=2, hidden_size=32, steps=200, batch_size=2, lr=1e-2, warmup_steps=5, seed=0)
     losses = train_lm(vlm, [example], cfg)
     assert losses[-1] < 0.05 < losses[0]
     text = sample_t2i(1, 5)[0].caption
@@ -164,6 +165,29 @@ def test_frozen_modules_keep_their_init_and_the_rest_learns(folder):
     assert len(frozen_modules(vlm.model, ("mlp",))) == sum(n.endswith(".mlp") for n, _ in vlm.model.named_modules()) > 1
     with pytest.raises(ValueError, match="visual"):
         frozen_modules(vlm.model, ("vision_tower", "visual"))
+
+
+def test_fixed_lm_head_keeps_seeded_unit_rows_while_the_rest_learns(folder):
+    """With ``fixed_lm_head`` the output embeddings are seeded unit vectors that training leaves alone
+    (so the four shape words cannot collapse together); without it they train."""
+    examples = build_examples(load_vlm(folder), 4, seed=0)
+    heads = {}
+    for fixed in (True, False):
+        vlm = load_vlm(folder)
+        before = vlm.model.get_output_embeddings().weight.detach().clone()
+        train_lm(vlm, examples, VLMTrainConfig(steps=2, batch_size=4, warmup_steps=1, lr=1e-2, fixed_lm_head=fixed))
+        heads[fixed] = (before, vlm.model.get_output_embeddings().weight.detach().clone(), vlm)
+    start, end, vlm = heads[True]
+    assert torch.allclose(end.norm(dim=1), torch.ones(end.shape[0]))
+    assert not torch.equal(start, end)  # set at the start of training ...
+    other = load_vlm(folder)
+    fix_output_embeddings(other.model, seed=0)
+    assert torch.equal(other.model.get_output_embeddings().weight, end)  # ... from the seed, then never trained
+    fix_output_embeddings(other.model, seed=1)
+    assert not torch.equal(other.model.get_output_embeddings().weight, end)
+    assert not other.model.get_output_embeddings().weight.requires_grad
+    start, end, _ = heads[False]
+    assert not torch.equal(start, end) and end.norm(dim=1).std() > 0
 
 
 def test_rewrite_colour_and_kind_rates_count_what_the_rewrite_keeps(monkeypatch, vlm):

@@ -1,6 +1,6 @@
 """The demo recipe: sizes and step counts of every `train-demo` stage.
 
-The defaults train the shipped model (about 83 minutes on 2 CPU cores with `--jobs 2`);
+The defaults train the shipped model (about 73 minutes on 2 CPU cores with `--jobs 2`);
 `quick_recipe` runs every stage in minutes without learning anything, for tests.
 """
 
