@@ -86,8 +86,8 @@ class VLMTrainConfig:
     # pixel shuffle makes (patches_per_side / 2)^2 image tokens per tile. At 64 / 8 the 16 tokens cut the middle
     # cell's shape in four. 96 / 6 (16 px patches, one token per grid cell) read images worse: 200 held-out
     # images captioned exactly 23% against 38%, edits rewritten exactly 16.5% against 17.5%, rewrites 49% / 51%.
-    # 64 / 16 (4 px patches: 64 tokens, one per latent cell) costs 2.3x per training step (1.24 s of CPU against
-    # 0.53 s on one thread), about 25 more minutes for the vlm stage; not trained.
+    # 64 / 16 (4 px patches: 64 tokens, one per latent cell) looked like 2.3x the CPU per training step (1.24 s
+    # against 0.53 s, 30 steps each on one thread in a one-off script, not a benchmark); not trained.
     tile_size: int = 64
     patches_per_side: int = 8
     # Modules kept at their seeded random init (see `frozen_modules`). None: trained on these tasks, the image
@@ -123,9 +123,10 @@ class VLMTrainConfig:
     split: str = "all"
     # Rewrites of a prompt list its shapes in the order the prompt names them (`T2ISample.rewrite`), so the
     # model copies them along; False: row-major, as captions of images do (`T2ISample.detailed`). First tried
-    # with a trained LM head and 8,000 examples: on 200 validation prompts the rewrites got better (exact 51% -> 83%, colours kept 88% -> 96%, shapes 83% -> 87%)
-    # but captions of images worse (38% -> 20% exact), and the DiT on that VLM, through the same stages,
-    # reconstructed 0% of scenes from one tile (12%) and edited 4% exactly (8%), while Verifi prompts went
+    # with a trained LM head and 8,000 examples: on 200 validation prompts the rewrites got better (exact 51% ->
+    # 83%, colours kept 88% -> 96%, shapes 83% -> 87%) but captions of images worse (38% -> 20% exact), and the
+    # DiT on that VLM, through the same stages, reconstructed 0% of scenes from one tile (12%) and edited 4%
+    # exactly (8%), while Verifi prompts went
     # 91/68/98/98/100% -> 100/77/100/100/100% (colour, shape, size, position, count; exact 58% -> 69%).
     # With task_weights (0.35, 0.45, 0.2) as well: rewrites 79%, captions 56%, edit rewrites 21% exact, but the
     # DiT on it (3,600 steps) drew plain prompts' shapes worse (72% against 87%, Verifi 67% against 76%).
