@@ -105,7 +105,8 @@ class VLMTrainConfig:
     image_readout_weight: float = 1.0
     # 3,600 (same mix, seed 0) binds attributes to shapes far better on 200 validation samples: captions 87.5%,
     # edit rewrites 46%, compositions 62% exact (2,400: 64.5 / 25.5 / 22.5%); seed 1: 81.5 / 42 / 38% (2,400:
-    # 50.5 / 27 / 17.5%). The DiT on it is not measured yet.
+    # 50.5 / 27 / 17.5%). The DiT on it doubles Verifi edits (49% against 29% on 96) but draws 7 points fewer
+    # shapes from plain prompts (81% against 88%): kept at 2,400, see README "undertrained".
     steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
