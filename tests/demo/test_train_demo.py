@@ -201,3 +201,25 @@ def test_t2i_gets_the_same_threads_whether_or_not_the_decoder_runs_beside_it(qui
                  "--no-eval", "--jobs", "2"]) == 0
     assert seen == [max(1, threads - threads // 2)] and torch.get_num_threads() == threads
     assert file_digests(tmp_path / "out") == file_digests(out)
+
+
+def test_ablations_train_in_the_worker_beside_t2i_and_only_those_missing(quick_run, tmp_path, monkeypatch):
+    """With two jobs the ablation variants need only the cache, so the decoder's worker trains them
+    while t2i runs; a re-run trains only a missing one, to the same tensors."""
+    import shutil
+
+    from unifusion.demo import train_demo
+
+    out, work = quick_run
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(work, tmp_path / "work")
+    lap = tmp_path / "work" / "ablations" / "lap.safetensors"
+    lap.unlink()
+    in_main = []
+    monkeypatch.setattr(train_demo, "stage_ablations", lambda *a, **k: in_main.append(a))
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
+                 "--no-eval", "--jobs", "2", "--ablations"]) == 0
+    assert in_main == []  # trained in the worker process, not here
+    assert train_demo.content_digest(lap) == train_demo.content_digest(work / "ablations" / "lap.safetensors")
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert {f"ablation:{name}" for name in train_demo.ABLATION_VARIANTS} <= set(stages)

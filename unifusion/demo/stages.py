@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -108,19 +108,6 @@ def stage_decoder(recipe: DemoRecipe, path: Path, threads: Optional[int] = None)
     return vae, metrics
 
 
-WORKER_STAGES = {"vae": stage_vae, "decoder": stage_decoder}
-
-
-def worker_job(stage: str, recipe: DemoRecipe, path: Path, threads: int) -> tuple[dict[str, float], dict[str, float]]:
-    """A `WORKER_STAGES` stage in a worker process (spawned: logging is set up again there);
-    returns its metrics and its wall/CPU seconds."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    wall, cpu = time.monotonic(), time.process_time()
-    metrics = WORKER_STAGES[stage](recipe, path, threads)[1]
-    return metrics, {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-
-
 def demo_records(recipe: DemoRecipe) -> list[Any]:
     """Text-to-image and single-reference edit samples of the training split, as dataset records."""
     from ..train.datasets import edit_from_samples, t2i_from_samples
@@ -201,22 +188,43 @@ def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path
     return export_release(result.state_dir, out)
 
 
-def stage_ablations(recipe: DemoRecipe, cache: Any, work: Path, done: Any, mark: Any) -> None:
-    """The benchmark's ablation variants, each text-to-image at ``recipe.ablation_steps`` from
-    the same cache: LAP, the two pooling baselines, and LAP without Verifi features. ``done(name)``
-    says whether a variant is already trained (`StageLog`), ``mark(name)`` records one."""
+ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
+    "lap": {}, "last_layer": {"pooling": "last"}, "mean_of_layers": {"pooling": "mean"},
+    "no_verifi": {"verifi_prob": 0.0}}
+
+
+def stage_ablations(recipe: DemoRecipe, work: Path, names: Sequence[str], threads: Optional[int] = None,
+                    ) -> tuple[None, dict[str, float]]:
+    """The benchmark's ablation variants ``names`` (of `ABLATION_VARIANTS`), each text-to-image at
+    ``recipe.ablation_steps`` from the cache in ``work/cache``: LAP, the two pooling baselines, and
+    LAP without Verifi features. They need only the cache, so a worker trains them beside t2i;
+    ``threads`` sets torch's thread count first (for a worker process)."""
+    from ..train.cache import FeatureCache
     from .bench import ABLATIONS
 
-    variants = {"lap": {}, "last_layer": {"pooling": "last"}, "mean_of_layers": {"pooling": "mean"},
-                "no_verifi": {"verifi_prob": 0.0}}
-    assert set(variants) == set(ABLATIONS)
-    for name, options in variants.items():
-        if done(name):
-            continue
+    assert set(ABLATION_VARIANTS) == set(ABLATIONS)
+    if threads:
+        torch.set_num_threads(threads)
+    cache = FeatureCache(work / "cache")
+    for name in names:
         started = time.monotonic()
-        stage_t2i(recipe, cache, work / "ablations", name=name, steps=recipe.ablation_steps, **options)
+        stage_t2i(recipe, cache, work / "ablations", name=name, steps=recipe.ablation_steps, **ABLATION_VARIANTS[name])
         logger.info("ablation %s: trained in %.1fs", name, time.monotonic() - started)
-        mark(name)
+    return None, {}
+
+
+WORKER_STAGES = {"vae": stage_vae, "decoder": stage_decoder, "ablations": stage_ablations}
+
+
+def worker_job(stage: str, recipe: DemoRecipe, path: Path, threads: int, *args: Any,
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """A `WORKER_STAGES` stage in a worker process (spawned: logging is set up again there);
+    returns its metrics and its wall/CPU seconds."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    wall, cpu = time.monotonic(), time.process_time()
+    metrics = WORKER_STAGES[stage](recipe, path, *args, threads=threads)[1]
+    return metrics, {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
 
 
 def stage_eval(count: int, out: Path, grid: Optional[Path] = None, work: Optional[Path] = None) -> dict[str, Any]:

@@ -13,7 +13,9 @@ Stages (`stages`), each logged with its wall and CPU time:
 5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
    (``edit_mix_t2i``), exported as the release checkpoint (``extra["sampling_shift"]`` set by
    the exporter);
-6. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
+6. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
+   from the cache alone: with ``--jobs 2`` the decoder's worker trains them beside t2i;
+7. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
 ``train_demo_report.json`` (recipe, library versions, metrics, timings). Everything is seeded:
@@ -44,8 +46,8 @@ import torch
 from ..bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from .options import add_arguments
 from .recipe import DemoRecipe, quick_recipe
-from .stages import (LOG_FORMAT, WORKER_STAGES, stage_ablations, stage_cache, stage_edit, stage_eval, stage_t2i,
-                     stage_vlm, worker_job)
+from .stages import (ABLATION_VARIANTS, LOG_FORMAT, WORKER_STAGES, stage_ablations, stage_cache, stage_edit,
+                     stage_eval, stage_t2i, stage_vlm, worker_job)
 
 logger = logging.getLogger("unifusion.demo.train")
 
@@ -176,12 +178,17 @@ class StageLog:
         self.path.write_text(json.dumps(self.done, indent=1), encoding="utf-8")
 
 
-def _start_worker(stack: contextlib.ExitStack, stage: str, recipe: DemoRecipe, path: Path, threads: int) -> Any:
-    """Run a `WORKER_STAGES` stage in a spawned process while this one goes on; the two share
+def _worker_pool(stack: contextlib.ExitStack) -> ProcessPoolExecutor:
+    """One spawned worker process: stages submitted to it run one after the other."""
+    return stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+
+
+def _start_worker(pool: ProcessPoolExecutor, stage: str, recipe: DemoRecipe, path: Path, threads: int,
+                  *args: Any) -> Any:
+    """Run a `WORKER_STAGES` stage in ``pool``'s process while this one goes on; the two share
     the threads (one each on 2 cores), so neither slows the other down by oversubscription."""
-    pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
-    future = pool.submit(worker_job, stage, recipe, path, max(1, threads // 2))
-    logger.info("stage %s: started in a worker process", stage)
+    future = pool.submit(worker_job, stage, recipe, path, max(1, threads // 2), *args)
+    logger.info("stage %s: queued in a worker process", stage)
     return future
 
 
@@ -219,7 +226,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     torch.set_num_threads(_main_threads(threads, jobs))
     vae_future = None
     if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE_PATH):
-        vae_future = _start_worker(stack, "vae", recipe, out / DEMO_VAE_PATH, threads)
+        vae_future = _start_worker(_worker_pool(stack), "vae", recipe, out / DEMO_VAE_PATH, threads)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
             vlm = load_vlm(out / DEMO_VLM)
@@ -240,10 +247,17 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("cache")
     if stop_after == "cache":
         return False
-    decoder_future = None
-    if jobs > 1 and not log.finished("decoder", out / DEMO_VAE_PATH):
+    decoder_future = ablation_future = None
+    pool = _worker_pool(stack) if jobs > 1 else None
+    if pool is not None and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
-        decoder_future = _start_worker(stack, "decoder", recipe, out / DEMO_VAE_PATH, threads)
+        decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads)
+    ablations_todo = [name for name in ABLATION_VARIANTS
+                      if ablations and not log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")]
+    if pool is not None and ablations_todo and stop_after is None:
+        # They need only the cache: after the decoder, the worker trains them on its thread while t2i
+        # still runs (on 2 cores the second one would otherwise wait for t2i).
+        ablation_future = _start_worker(pool, "ablations", recipe, work, threads, ablations_todo)
     torch.set_num_threads(_main_threads(threads, jobs))
     with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
@@ -259,14 +273,15 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
             log.mark("edit")
     if ablations:
-        with timer.stage("ablations"):
-            def done(name: str) -> bool:
-                return log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")
-
-            def mark(name: str) -> None:
-                log.mark(f"ablation:{name}")
-
-            stage_ablations(recipe, cache, work, done, mark)
+        if ablation_future is not None:
+            _, timer.seconds["ablations"] = ablation_future.result()
+            logger.info("stage ablations: done in the worker in %.1fs (cpu %.1fs)",
+                        timer.seconds["ablations"]["wall_s"], timer.seconds["ablations"]["cpu_s"])
+        else:
+            with timer.stage("ablations"):
+                stage_ablations(recipe, work, ablations_todo)
+        for name in ablations_todo:
+            log.mark(f"ablation:{name}")
     return True
 
 
