@@ -31,6 +31,23 @@ def test_loads_every_family(tiny_dir, family):
     assert vlm.base_model is vlm.model.model  # no LM head when encoding
 
 
+def test_never_swaps_in_hub_kernels(tiny_dirs, monkeypatch):
+    """transformers replaces layers with Hub kernels by default where `kernels` is installed; on CUDA
+    that fetches code from the Hub (an offline GPU machine failed to load the demo VLM) and would change
+    the layers LAP was trained on."""
+    from transformers import PreTrainedModel
+
+    asked, original = [], PreTrainedModel.set_use_kernels
+
+    def record(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", record)
+    load_vlm(tiny_dirs["internvl"])
+    assert asked == [False]
+
+
 def test_layer_selection_and_dtype(tiny_dirs):
     vlm = load_vlm(tiny_dirs["qwen3_vl"], dtype=torch.bfloat16, layer_stride=2)
     assert vlm.selected_layers == (3, 5, 7)

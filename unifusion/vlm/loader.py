@@ -241,8 +241,11 @@ def load_vlm(
         ) from exc
     _chat_template(folder, tokenizer)
     try:
+        # use_kernels=False: transformers swaps layers for Hub kernels by default where the `kernels` package is
+        # installed (on CUDA it fetches them from the Hub, which fails offline and runs downloaded code); the
+        # checkpoint's LAP was trained on the model's own layers.
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, device_map=str(device),
-                                                            use_safetensors=True, **common)
+                                                            use_safetensors=True, use_kernels=False, **common)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise VLMLoadError(f"cannot load the weights of {folder} ({exc}); download the model folder again") from exc
     model.eval().requires_grad_(False)
