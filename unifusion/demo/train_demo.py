@@ -266,23 +266,29 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("t2i")
     # The decoder is done by now (21 min against 47.5); the edit finetune then gets every thread.
     _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads)
+    if ablation_future is not None:
+        # Done by now too after a t2i of its own (decoder + ablations take 30 min). After a reused one, wait: the
+        # edit finetune's threads beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
+        _, timer.seconds["ablations"] = ablation_future.result()
+        logger.info("stage ablations: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["ablations"]["wall_s"],
+                    timer.seconds["ablations"]["cpu_s"])
+        _mark_ablations(log, ablations_todo)
     if stop_after == "t2i":
         return False
     with timer.stage("edit"):
         if not log.finished("edit", out / DEMO_CHECKPOINT):
             stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
             log.mark("edit")
-    if ablations:
-        if ablation_future is not None:
-            _, timer.seconds["ablations"] = ablation_future.result()
-            logger.info("stage ablations: done in the worker in %.1fs (cpu %.1fs)",
-                        timer.seconds["ablations"]["wall_s"], timer.seconds["ablations"]["cpu_s"])
-        else:
-            with timer.stage("ablations"):
-                stage_ablations(recipe, work, ablations_todo)
-        for name in ablations_todo:
-            log.mark(f"ablation:{name}")
+    if ablations_todo and ablation_future is None:
+        with timer.stage("ablations"):
+            stage_ablations(recipe, work, ablations_todo)
+        _mark_ablations(log, ablations_todo)
     return True
+
+
+def _mark_ablations(log: StageLog, names: Sequence[str]) -> None:
+    for name in names:
+        log.mark(f"ablation:{name}")
 
 
 def train_demo(out: Path, recipe: DemoRecipe, work: Optional[Path] = None, evaluate: bool = True,
