@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="redo every stage even when --work holds finished ones with the same settings")
     p.add_argument("--ablations", action="store_true",
                    help="also train the benchmark's ablation variants (LAP vs last layer vs mean, Verifi off) "
-                        "into WORK/ablations, at --ablation-steps each; needs --work to keep them")
+                        "into WORK/ablations, at --ablation-steps each (with --jobs 2 in the second process, beside t2i); "
+                        "needs --work to keep them")
     for name, kind in (("ablation-steps", int), ("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int), ("edit-steps", int),
                        ("t2i-samples", int), ("edit-samples", int), ("eval-count", int)):
         p.add_argument(f"--{name}", type=kind, help="override the recipe's value")
