@@ -146,6 +146,9 @@ class DemoRecipe:
     # colour/shape pairs exact 54% -> 67%, edits 15% both (identity 45% -> 59%), one-tile reconstruction 42% both
     # (32.8 -> 34.1 dB). 20%: plain 97/81/96/96/75% (50%), edits 8% (identity 64%), reconstruction 50% (35.6 dB).
     recon_prob: float = 0.1
+    # Share of samples on Verifi features. 0.25 (more plain prompts, 2026-12-04; same VLM, cache and decoder, 48 held-out
+    # prompts after the edit finetune): plain 99/89/98/100/77% (exact 62%) -> 99/82/99/100/75% (54%), Verifi
+    # 100/91/98/100/100% (81%) -> 99/86/98/100/98% (79%), edits 12% -> 12% (identity 55% -> 66%).
     verifi_prob: float = 0.5
     eval_count: int = 48
     ablation_steps: int = 400  # text-to-image steps of each ablation variant (`train-demo --ablations`)
