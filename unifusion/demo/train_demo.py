@@ -209,10 +209,15 @@ def _finish_worker_stage(future: Any, stage: str, recipe: DemoRecipe, path: Path
             if not log.finished(stage, path):
                 log.mark(stage, WORKER_STAGES[stage](recipe, path)[1])
         return
+    log.mark(stage, _join_worker(future, stage, timer))
+
+
+def _join_worker(future: Any, stage: str, timer: StageTimer) -> dict[str, float]:
+    """Wait for a worker's stage, record its wall/CPU seconds and return its metrics."""
     metrics, timer.seconds[stage] = future.result()
-    log.mark(stage, metrics)
     logger.info("stage %s: done in the worker in %.1fs (cpu %.1fs)", stage, timer.seconds[stage]["wall_s"],
                 timer.seconds[stage]["cpu_s"])
+    return metrics
 
 
 def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer: StageTimer,
@@ -269,9 +274,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     if ablation_future is not None:
         # Done by now too after a t2i of its own (decoder + ablations take 30 min). After a reused one, wait: the
         # edit finetune's threads beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
-        _, timer.seconds["ablations"] = ablation_future.result()
-        logger.info("stage ablations: done in the worker in %.1fs (cpu %.1fs)", timer.seconds["ablations"]["wall_s"],
-                    timer.seconds["ablations"]["cpu_s"])
+        _join_worker(ablation_future, "ablations", timer)
         _mark_ablations(log, ablations_todo)
     if stop_after == "t2i":
         return False
