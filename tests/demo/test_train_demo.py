@@ -99,12 +99,37 @@ def test_fingerprints_change_downstream_only():
     for change in ({"vae_steps": 9}, {"vae_latent_noise": 0.5}):
         vae = stage_fingerprints(replace(quick_recipe(), **change))
         assert [s for s in base if base[s] != vae[s]] == ["vae", "cache", "t2i", "edit", "decoder", "ablation"]
-    decoder = stage_fingerprints(replace(quick_recipe(), decoder_steps=9))
+    decoder = stage_fingerprints(replace(quick_recipe(), decoder_steps=(9,)))
     assert [s for s in base if base[s] != decoder[s]] == ["decoder"]
     layers = stage_fingerprints(replace(quick_recipe(), vlm_layers=(2,)))
     assert [s for s in base if base[s] != layers[s]] == ["cache", "t2i", "edit", "ablation"]
     ablation = stage_fingerprints(replace(quick_recipe(), ablation_steps=9))
     assert [s for s in base if base[s] != ablation[s]] == ["ablation"]
+
+
+def test_a_changed_decoder_recipe_trains_from_the_vae_stage_not_the_old_decoder(quick_run, tmp_path):
+    """The decoder stage writes the shipped autoencoder; redone with other cycles it must start
+    from the vae stage's file again, and write what a fresh stage writes from it."""
+    import shutil
+
+    from unifusion.demo.stages import stage_decoder
+    from unifusion.demo.train_demo import VAE_STAGE, content_digest, train_demo
+
+    out, work = quick_run
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(work, tmp_path / "work")
+    recipe = replace(quick_recipe(3), decoder_steps=(1, 2))
+    train_demo(tmp_path / "out", recipe, tmp_path / "work", evaluate=False, jobs=1)
+    stage_decoder(recipe, tmp_path / "fresh.safetensors", work / VAE_STAGE)
+    rerun = content_digest(tmp_path / "out" / DEMO_VAE_PATH)
+    assert rerun == content_digest(tmp_path / "fresh.safetensors") != content_digest(out / DEMO_VAE_PATH)
+    assert content_digest(tmp_path / "out" / DEMO_CHECKPOINT) == content_digest(out / DEMO_CHECKPOINT)  # DiT reused
+
+
+@pytest.mark.parametrize("steps", [(), (100, 0), (10.5,)])
+def test_decoder_cycles_must_be_positive_step_counts(steps):
+    with pytest.raises(ValueError, match="decoder_steps"):
+        replace(DemoRecipe(), decoder_steps=steps)
 
 
 def test_every_training_option_feeds_a_fingerprint():

@@ -89,23 +89,37 @@ def _vae_images(recipe: DemoRecipe) -> torch.Tensor:
     return scene_pixels(mixed_scenes(recipe.vae_images, recipe.seed))
 
 
-def stage_decoder(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> tuple[Any, dict[str, float]]:
-    """Finetune the decoder of the autoencoder at ``path`` with every Block (the ``vae`` stage
-    trained a lighter one) and save it there. The encoder is frozen, so the cached latents and
-    the DiT trained on them stay valid: this runs beside the DiT stages."""
-    from ..vae import finetune_decoder, load_vae, save_vae
+def stage_decoder(recipe: DemoRecipe, path: Path, source: Path, threads: Optional[int] = None
+                  ) -> tuple[Any, dict[str, float]]:
+    """Finetune the decoder of the ``vae`` stage's autoencoder at ``source`` with every Block (that
+    stage trained a lighter one), one cycle after another, and save it at ``path``. The encoder is
+    frozen, so the cached latents and the DiT trained on them stay valid: this runs beside the DiT
+    stages. It starts from ``source``, never from ``path``, so a changed decoder recipe trains
+    from the same autoencoder instead of on top of the decoder it replaces."""
+    from ..vae import load_vae, save_vae
     from .evaluate import evaluate_vae
 
     if threads:
         torch.set_num_threads(threads)
-    model = finetune_decoder(load_vae(path), _vae_images(recipe), recipe.decoder_steps, seed=recipe.seed + 1,
-                             batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
-                             foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight)
+    model = load_vae(source)
+    for cycle in range(len(recipe.decoder_steps)):
+        model = decoder_cycle(recipe, model, cycle)
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
     logger.info("decoder metrics: %s", json.dumps(metrics))
     return vae, metrics
+
+
+def decoder_cycle(recipe: DemoRecipe, model: Any, cycle: int) -> Any:
+    """Cycle ``cycle`` of the decoder finetune: ``recipe.decoder_steps[cycle]`` steps whose warmup
+    and cosine schedule restart from ``model``'s weights, on draws seeded by the cycle."""
+    from ..vae import finetune_decoder
+
+    logger.info("decoder cycle %d of %d: %d steps", cycle + 1, len(recipe.decoder_steps), recipe.decoder_steps[cycle])
+    return finetune_decoder(model, _vae_images(recipe), recipe.decoder_steps[cycle], seed=recipe.seed + 1 + cycle,
+                            batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
+                            foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight)
 
 
 def demo_records(recipe: DemoRecipe) -> list[Any]:

@@ -13,9 +13,11 @@ Stages (`stages`), each logged with its wall and CPU time:
 5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
    (``edit_mix_t2i``), exported as the release checkpoint (``extra["sampling_shift"]`` set by
    the exporter);
-6. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
+6. ``decoder`` the autoencoder's decoder finetuned in cycles from the ``vae`` stage's file
+   (encoder frozen), in a worker beside t2i;
+7. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
    from the cache alone: with ``--jobs 2`` the decoder's worker trains them beside t2i;
-7. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
+8. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
 ``train_demo_report.json`` (recipe, library versions, metrics, timings). Everything is seeded:
@@ -115,8 +117,9 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             return "not installed"
 
-    return {"python": sys.version.split()[0], **{name: installed(name) for name in REPRODUCIBILITY_PACKAGES},
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    versions = {name: installed(name) for name in REPRODUCIBILITY_PACKAGES}
+    versions["torch"] = torch.__version__  # with its build (+cpu, +cu130), which the distribution's version drops
+    return {"python": sys.version.split()[0], **versions, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 STAGE_PARAMS = {
@@ -137,6 +140,7 @@ STAGE_PARAMS = {
 UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",), "decoder": ("vae",),
             "ablation": ("t2i",)}
 MARKERS = "stages.json"
+VAE_STAGE = "vae.safetensors"  # in the work folder: the vae stage's autoencoder, which the decoder stage starts from
 
 
 def stage_fingerprints(recipe: DemoRecipe) -> dict[str, str]:
@@ -200,14 +204,15 @@ def _main_threads(threads: int, jobs: int) -> int:
 
 
 def _finish_worker_stage(future: Any, stage: str, recipe: DemoRecipe, path: Path, log: "StageLog",
-                         timer: StageTimer, threads: int) -> None:
+                         timer: StageTimer, threads: int, *args: Any) -> None:
     """Wait for the worker running ``stage``, record it and give this process all the threads
-    again; without a worker (``--jobs 1``, or nothing to redo) run the stage here unless finished."""
+    again; without a worker (``--jobs 1``, or nothing to redo) run the stage here (on ``path``
+    and ``args``, as the worker would) unless finished."""
     torch.set_num_threads(threads)
     if future is None:
         with timer.stage(stage):
             if not log.finished(stage, path):
-                log.mark(stage, WORKER_STAGES[stage](recipe, path)[1])
+                log.mark(stage, WORKER_STAGES[stage](recipe, path, *args)[1])
         return
     log.mark(stage, _join_worker(future, stage, timer))
 
@@ -229,9 +234,9 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_main_threads(threads, jobs))
-    vae_future = None
-    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", out / DEMO_VAE_PATH):
-        vae_future = _start_worker(_worker_pool(stack), "vae", recipe, out / DEMO_VAE_PATH, threads)
+    vae_future, vae_stage = None, work / VAE_STAGE
+    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", vae_stage):
+        vae_future = _start_worker(_worker_pool(stack), "vae", recipe, vae_stage, threads)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
             vlm = load_vlm(out / DEMO_VLM)
@@ -240,8 +245,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("vlm", metrics)
     if stop_after == "vlm":
         return False
-    _finish_worker_stage(vae_future, "vae", recipe, out / DEMO_VAE_PATH, log, timer, threads)
-    vae = load_vae(out / DEMO_VAE_PATH)
+    _finish_worker_stage(vae_future, "vae", recipe, vae_stage, log, timer, threads)
+    vae = load_vae(vae_stage)
     if stop_after == "vae":
         return False
     with timer.stage("cache"):
@@ -256,7 +261,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     pool = _worker_pool(stack) if jobs > 1 else None
     if pool is not None and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
-        decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads)
+        decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads, vae_stage)
     ablations_todo = [name for name in ABLATION_VARIANTS
                       if ablations and not log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")]
     if pool is not None and ablations_todo and stop_after is None:
@@ -270,7 +275,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
     # The decoder is done by now (21 min against 47.5); the edit finetune then gets every thread.
-    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads)
+    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
     if ablation_future is not None:
         # Done by now too after a t2i of its own (decoder + ablations take 30 min). After a reused one, wait: the
         # edit finetune's threads beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
