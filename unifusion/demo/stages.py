@@ -101,9 +101,9 @@ def stage_decoder(recipe: DemoRecipe, path: Path, source: Path, threads: Optiona
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_vae(source)
+    model, images = load_vae(source), _vae_images(recipe)
     for cycle in range(len(recipe.decoder_steps)):
-        model = decoder_cycle(recipe, model, cycle)
+        model = decoder_cycle(recipe, model, cycle, images)
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
@@ -111,13 +111,14 @@ def stage_decoder(recipe: DemoRecipe, path: Path, source: Path, threads: Optiona
     return vae, metrics
 
 
-def decoder_cycle(recipe: DemoRecipe, model: Any, cycle: int) -> Any:
+def decoder_cycle(recipe: DemoRecipe, model: Any, cycle: int, images: torch.Tensor) -> Any:
     """Cycle ``cycle`` of the decoder finetune: ``recipe.decoder_steps[cycle]`` steps whose warmup
-    and cosine schedule restart from ``model``'s weights, on draws seeded by the cycle."""
+    and cosine schedule restart from ``model``'s weights, on draws seeded by the cycle from ``images``
+    (`_vae_images`, rendered once for every cycle)."""
     from ..vae import finetune_decoder
 
     logger.info("decoder cycle %d of %d: %d steps", cycle + 1, len(recipe.decoder_steps), recipe.decoder_steps[cycle])
-    return finetune_decoder(model, _vae_images(recipe), recipe.decoder_steps[cycle], seed=recipe.seed + 1 + cycle,
+    return finetune_decoder(model, images, recipe.decoder_steps[cycle], seed=recipe.seed + 1 + cycle,
                             batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
                             foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight)
 

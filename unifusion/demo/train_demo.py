@@ -274,11 +274,12 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
-    # The decoder is done by now (21 min against 47.5); the edit finetune then gets every thread.
+    # Wait for the decoder (its three cycles take about 49 min on one thread against t2i's 44): the edit finetune
+    # then gets every thread.
     _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
     if ablation_future is not None:
-        # Done by now too after a t2i of its own (decoder + ablations take 30 min). After a reused one, wait: the
-        # edit finetune's threads beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
+        # They follow the decoder in the worker (about 10 min more). Wait for them too: the edit finetune's threads
+        # beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
         _join_worker(ablation_future, "ablations", timer)
         _mark_ablations(log, ablations_todo)
     if stop_after == "t2i":
