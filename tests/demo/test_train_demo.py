@@ -14,6 +14,7 @@ from PIL import Image
 
 from unifusion.bundled import DEMO_CHECKPOINT, DEMO_VAE_PATH, DEMO_VLM
 from unifusion.checkpoint import read_checkpoint_header
+from unifusion.demo.grammar import EDIT_OPS
 from unifusion.demo.train_demo import (
     REPORT_NAME,
     REPRODUCIBILITY_PACKAGES,
@@ -52,13 +53,14 @@ def test_quick_run_writes_a_loadable_demo(quick_run):
     assert {"ablation: deepest selected layer only", "ablation: mean of the selected layers",
             "t2i before the edit finetune", "reconstruction, 4 tiles + thumbnail",
             "edit, one reference, Verifi rewrite", "compose, two references, Verifi rewrite"} <= set(benchmark)
-    assert {"success", "identity"} == set(benchmark["edit, one reference, Verifi rewrite"])
+    edits = benchmark["edit, one reference, Verifi rewrite"]
+    assert {"success", "identity"} <= set(edits) and set(edits) - {"success", "identity"} <= set(EDIT_OPS)
     for name, pooling in (("lap", "attention"), ("last_layer", "last"), ("mean_of_layers", "mean")):
         assert read_checkpoint_header(work / "ablations" / f"{name}.safetensors").config.lap.pooling == pooling
     header = read_checkpoint_header(out / DEMO_CHECKPOINT)
     assert header.config.vlm.selected_layers == quick_recipe().vlm_layers  # layer 0 (input embeddings) among them
     assert header.config.extra["sampling_shift"] > 0 and header.config.extra["ema"] is True
-    assert header.config.extra["trained_steps"] == quick_recipe().edit_steps
+    assert header.config.extra["trained_steps"] == quick_recipe().edit_steps[-1]  # the last edit cycle's
     pipe = UniFusionPipeline.from_files(out / DEMO_VLM, out / DEMO_CHECKPOINT, out / DEMO_VAE_PATH)
     images, condition = pipe.generate("a red circle", steps=2, seed=0)
     assert images[0].size == (64, 64) and condition.tokens.shape[-1] == header.config.dit.hidden_size
@@ -94,7 +96,7 @@ def test_eval_only_grid_writes_no_empty_report(quick_run, tmp_path):
 
 def test_fingerprints_change_downstream_only():
     base = stage_fingerprints(quick_recipe())
-    edit = stage_fingerprints(replace(quick_recipe(), edit_steps=9))
+    edit = stage_fingerprints(replace(quick_recipe(), edit_steps=(9, 1)))
     assert [s for s in base if base[s] != edit[s]] == ["edit"]
     for change in ({"vae_steps": 9}, {"vae_latent_noise": 0.5}):
         vae = stage_fingerprints(replace(quick_recipe(), **change))
@@ -126,10 +128,38 @@ def test_a_changed_decoder_recipe_trains_from_the_vae_stage_not_the_old_decoder(
     assert content_digest(tmp_path / "out" / DEMO_CHECKPOINT) == content_digest(out / DEMO_CHECKPOINT)  # DiT reused
 
 
+def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
+    """The shipped checkpoint's second edit cycle was trained from its first cycle's export: the
+    stage must write what `edit_cycle` writes from ``work/edit1.safetensors``."""
+    from unifusion.demo.stages import edit_cycle
+    from unifusion.demo.train_demo import content_digest
+    from unifusion.train.cache import FeatureCache
+
+    out, work = quick_run
+    recipe = quick_recipe(3)
+    first = work / "edit1.safetensors"
+    assert read_checkpoint_header(first).config.extra["trained_steps"] == recipe.edit_steps[0]
+    again = edit_cycle(recipe, FeatureCache(work / "cache"), tmp_path, 1, first, tmp_path / "cycle2.safetensors")
+    assert content_digest(again) == content_digest(out / DEMO_CHECKPOINT) != content_digest(first)
+
+
 @pytest.mark.parametrize("steps", [(), (100, 0), (10.5,)])
 def test_decoder_cycles_must_be_positive_step_counts(steps):
     with pytest.raises(ValueError, match="decoder_steps"):
         replace(DemoRecipe(), decoder_steps=steps)
+
+
+@pytest.mark.parametrize("change, named", [({"edit_steps": ()}, "edit_steps"), ({"edit_repeat": (1, 0)}, "edit_repeat"),
+                                           ({"edit_steps": (1000,)}, "one value per edit cycle")])
+def test_edit_cycles_need_positive_steps_and_a_repeat_each(change, named):
+    with pytest.raises(ValueError, match=named):
+        replace(DemoRecipe(), **change)
+
+
+def test_the_command_line_names_a_mismatched_edit_cycle_count():
+    with pytest.raises(SystemExit, match="one value per edit cycle"):
+        recipe_from_args(build_parser().parse_args(["--edit-steps", "500"]))
+    assert recipe_from_args(build_parser().parse_args(["--edit-steps", "500", "700"])).edit_steps == (500, 700)
 
 
 def test_every_training_option_feeds_a_fingerprint():

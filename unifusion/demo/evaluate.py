@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .grammar import sample_compositions, sample_edits, sample_t2i
+from .grammar import EDIT_OPS, sample_compositions, sample_edits, sample_t2i
 from .scorer import composition_success, edit_success, identity_preserved, mean_scores, score_scene
 from .world import IMAGE_SIZE, SPLIT_SEEDS, Scene, Shape, random_scene, render
 
@@ -34,14 +34,17 @@ def evaluate_t2i(pipe: Any, count: int, verifi: bool, seed: int = SPLIT_SEEDS["t
 
 def evaluate_edits(pipe: Any, count: int, seed: int = SPLIT_SEEDS["test"], steps: int = 20,
                    cfg_scale: float = 4.0, verifi: bool = False) -> dict[str, float]:
-    """Single-reference edits: exact target scene, and identity of the shapes left alone."""
-    success, identity = [], []
+    """Single-reference edits: exact target scene, identity of the shapes left alone, and the
+    success of each edit op drawn (keyed by op: which kinds of edit the model misses)."""
+    success, identity, by_op = [], [], {}
     for i, sample in enumerate(sample_edits(count, seed + 1)):
         images, _ = pipe.generate(sample.instruction, images=[render(sample.source)], steps=steps,
                                   cfg_scale=cfg_scale, seed=i, verifi=verifi)
         success.append(float(edit_success(sample.target, images[0])))
         identity.append(identity_preserved(sample.source, sample.target, images[0]))
-    return {"success": float(np.mean(success)), "identity": float(np.mean(identity))}
+        by_op.setdefault(sample.op, []).append(success[-1])
+    return {"success": float(np.mean(success)), "identity": float(np.mean(identity)),
+            **{op: float(np.mean(by_op[op])) for op in EDIT_OPS if op in by_op}}
 
 
 def evaluate_compositions(pipe: Any, count: int, seed: int = SPLIT_SEEDS["test"], refs: int = 2, steps: int = 20,

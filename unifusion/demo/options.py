@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also train the benchmark's ablation variants (LAP vs last layer vs mean, Verifi off) "
                         "into WORK/ablations, at --ablation-steps each (with --jobs 2 in the second process, beside t2i); "
                         "needs --work to keep them")
-    for name, kind in (("ablation-steps", int), ("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int), ("edit-steps", int),
+    for name, kind in (("ablation-steps", int), ("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int),
                        ("t2i-samples", int), ("edit-samples", int), ("eval-count", int)):
         p.add_argument(f"--{name}", type=kind, help="override the recipe's value")
+    p.add_argument("--edit-steps", type=int, nargs="+",
+                   help="override the edit finetune's step counts, one per cycle (the recipe has two)")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

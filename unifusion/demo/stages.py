@@ -160,10 +160,11 @@ def _step_logger(label: str, every: int) -> Any:
 
 
 def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, **overrides: Any) -> Any:
-    """The trainer options of a stage; ``steps`` replaces the stage's step count (ablations)."""
+    """The trainer options of a stage; ``steps`` replaces the stage's step count (ablations). For the
+    edit stage they are its first cycle's (`edit_cycle` overrides steps and edit_repeat)."""
     from ..train.recipe import TrainConfig
 
-    steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps)
+    steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps[0])
     options: dict[str, Any] = dict(
         steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
         condition_lr_scale=recipe.condition_lr_scale if stage == "t2i" else 1.0,
@@ -173,7 +174,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean,
         loss_whitening=recipe.loss_whitening,
         stage="mixed" if stage == "edit" and recipe.edit_mix_t2i else stage,
-        edit_repeat=recipe.edit_repeat if stage == "edit" else 1,
+        edit_repeat=recipe.edit_repeat[0] if stage == "edit" else 1,
         mixed_precision=recipe.dit_mixed_precision, save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))
     return TrainConfig(**{**options, **overrides})
@@ -195,10 +196,28 @@ def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", poo
 
 
 def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path) -> Path:
+    """The edit finetune from the text-to-image checkpoint ``init``, one cycle after another
+    (`edit_cycle`); the last writes the release checkpoint ``out``, the others ``work/edit<n>.safetensors``."""
+    cycles = len(recipe.edit_steps)
+    for cycle in range(cycles):
+        init = edit_cycle(recipe, cache, work, cycle, init,
+                          out if cycle == cycles - 1 else work / f"edit{cycle + 1}.safetensors")
+    return out
+
+
+def edit_cycle(recipe: DemoRecipe, cache: Any, work: Path, cycle: int, init: Path, out: Path) -> Path:
+    """Cycle ``cycle`` of the edit finetune: ``recipe.edit_steps[cycle]`` steps with
+    ``recipe.edit_repeat[cycle]``, whose warmup and cosine schedule restart from the release
+    checkpoint ``init`` (the previous cycle's, or text-to-image's), exported to ``out``. Every cycle
+    draws with the recipe's seed (the shipped second cycle did), so two cycles with the same
+    edit_repeat see their batches in the same order."""
     from ..train.export import export_release
     from ..train.run import train
 
-    result = train(cache.folder, work / "edit", None, _recipe_config(recipe, "edit", init_from=str(init)),
+    steps = recipe.edit_steps[cycle]
+    logger.info("edit cycle %d of %d: %d steps", cycle + 1, len(recipe.edit_steps), steps)
+    config = _recipe_config(recipe, "edit", steps, edit_repeat=recipe.edit_repeat[cycle], init_from=str(init))
+    result = train(cache.folder, work / ("edit" if cycle == 0 else f"edit{cycle + 1}"), None, config,
                    resume=None, callbacks=[_step_logger("edit", 100)], progress=False)
     return export_release(result.state_dir, out)
 

@@ -11,7 +11,7 @@ Stages (`stages`), each logged with its wall and CPU time:
 4. ``t2i``   DiT + LAP text to image with condition dropout, ~3% reconstruction batches and
    Verifi features (`unifusion.train.train`), exported with its EMA weights;
 5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
-   (``edit_mix_t2i``), exported as the release checkpoint (``extra["sampling_shift"]`` set by
+   (``edit_mix_t2i``), in cycles that each restart the schedule; the last is exported as the release checkpoint (``extra["sampling_shift"]`` set by
    the exporter);
 6. ``decoder`` the autoencoder's decoder finetuned in cycles from the ``vae`` stage's file
    (encoder frozen), in a worker beside t2i;
@@ -348,7 +348,12 @@ def recipe_from_args(args: argparse.Namespace) -> DemoRecipe:
     overrides = {name: getattr(args, name) for name in ("vae_steps", "t2i_steps", "edit_steps", "t2i_samples",
                                                         "edit_samples", "eval_count", "ablation_steps")
                  if getattr(args, name) is not None}
-    recipe = replace(recipe, **overrides)
+    if "edit_steps" in overrides:
+        overrides["edit_steps"] = tuple(overrides["edit_steps"])
+    try:
+        recipe = replace(recipe, **overrides)
+    except ValueError as exc:
+        raise SystemExit(f"unifusion train-demo: {exc}") from None
     if args.vlm_steps is not None:
         recipe = replace(recipe, vlm=replace(recipe.vlm, steps=args.vlm_steps))
     return recipe
