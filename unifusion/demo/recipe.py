@@ -129,7 +129,9 @@ class DemoRecipe:
     # resizes 7 -> 36%; plain prompts 99/97/99/100/77% (exact 69%) -> 99/93/99/100/75% (67%), Verifi 88% -> 90%
     # exact. After cycle 1 the model edited 48 of its training edits no better than held-out ones (15% exact
     # against 12%): it was short of edit steps, not of edits (after cycle 2: 46% against 31%). 8,000 edits in the
-    # cache instead of 2,000 (same cycle 2): 33% exact (identity 79%), within the noise of 48 edits.
+    # cache instead of 2,000 (same cycle 2): 33% exact (identity 79%), within the noise of 48 edits. A third cycle
+    # like the second: 44% (identity 82%; 96 edits 29% -> 42%), text-to-image within the noise, but the run would
+    # exceed its 90 minutes (the edit cycles run last, on both threads, about 13 minutes each).
     edit_steps: tuple[int, ...] = (1000, 3000)
     # 4e-4 (1,000 steps, 20%): edits 12.5% exact (identity 45%), reconstruction 33% (32.2 dB), but plain prompts
     # 95/83/95/99/73% (exact 54%).
