@@ -11,8 +11,8 @@ Stages (`stages`), each logged with its wall and CPU time:
 4. ``t2i``   DiT + LAP text to image with condition dropout, ~3% reconstruction batches and
    Verifi features (`unifusion.train.train`), exported with its EMA weights;
 5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
-   (``edit_mix_t2i``), in cycles that each restart the schedule; the last is exported as the release checkpoint (``extra["sampling_shift"]`` set by
-   the exporter);
+   (``edit_mix_t2i``), in cycles that each restart the schedule; the last is exported as the
+   release checkpoint (``extra["sampling_shift"]`` set by the exporter);
 6. ``decoder`` the autoencoder's decoder finetuned in cycles from the ``vae`` stage's file
    (encoder frozen), in a worker beside t2i;
 7. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
