@@ -132,7 +132,7 @@ class DemoRecipe:
     # cache instead of 2,000 (same cycle 2): 33% exact (identity 79%), within the noise of 48 edits. A third cycle
     # like the second: 44% (identity 82%; 96 edits 29% -> 42%), text-to-image within the noise, but the run would
     # exceed its 90 minutes (the edit cycles run last, on both threads, about 13 minutes each). A fourth: 44% of 48
-    # (96 edits 43%) while its training edits rise 60% -> 75%: past the third cycle the edits run short, not the steps.
+    # (96 edits 43%) while its training edits rise 60% -> 75%; on 8,000 edits, 47% of 96 (within the noise).
     edit_steps: tuple[int, ...] = (1000, 3000)
     # 4e-4 (1,000 steps, 20%): edits 12.5% exact (identity 45%), reconstruction 33% (32.2 dB), but plain prompts
     # 95/83/95/99/73% (exact 54%).
