@@ -197,12 +197,18 @@ def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", poo
 
 def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path) -> Path:
     """The edit finetune from the text-to-image checkpoint ``init``, one cycle after another
-    (`edit_cycle`); the last writes the release checkpoint ``out``, the others ``work/edit<n>.safetensors``."""
+    (`edit_cycle`, training state in ``work/edit<n>``); the last writes the release checkpoint
+    ``out``, the others ``work/edit<n>.safetensors``."""
     cycles = len(recipe.edit_steps)
     for cycle in range(cycles):
         init = edit_cycle(recipe, cache, work, cycle, init,
-                          out if cycle == cycles - 1 else work / f"edit{cycle + 1}.safetensors")
+                          out if cycle == cycles - 1 else work / f"{_edit_name(cycle)}.safetensors")
     return out
+
+
+def _edit_name(cycle: int) -> str:
+    """The work-folder name of edit cycle ``cycle``'s training state and export: edit1, edit2, ..."""
+    return f"edit{cycle + 1}"
 
 
 def edit_cycle(recipe: DemoRecipe, cache: Any, work: Path, cycle: int, init: Path, out: Path) -> Path:
@@ -217,7 +223,7 @@ def edit_cycle(recipe: DemoRecipe, cache: Any, work: Path, cycle: int, init: Pat
     steps = recipe.edit_steps[cycle]
     logger.info("edit cycle %d of %d: %d steps", cycle + 1, len(recipe.edit_steps), steps)
     config = _recipe_config(recipe, "edit", steps, edit_repeat=recipe.edit_repeat[cycle], init_from=str(init))
-    result = train(cache.folder, work / ("edit" if cycle == 0 else f"edit{cycle + 1}"), None, config,
+    result = train(cache.folder, work / _edit_name(cycle), None, config,
                    resume=None, callbacks=[_step_logger("edit", 100)], progress=False)
     return export_release(result.state_dir, out)
 
