@@ -143,6 +143,17 @@ def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
     assert content_digest(again) == content_digest(out / DEMO_CHECKPOINT) != content_digest(first)
 
 
+def test_each_edit_cycle_trains_at_its_own_batch_size_and_learning_rate(quick_run):
+    """The shipped second cycle peaks at twice the first's learning rate."""
+    _, work = quick_run
+    recipe = quick_recipe(3)
+    assert len(set(recipe.edit_batch_size)) > 1 and len(set(recipe.edit_lr)) > 1
+    for cycle, (batch, lr) in enumerate(zip(recipe.edit_batch_size, recipe.edit_lr)):
+        meta = next((work / f"edit{cycle + 1}").glob("states/*/trainer.json"))
+        config = json.loads(meta.read_text())["train_config"]
+        assert (config["batch_size"], config["lr"]) == (batch, lr)
+
+
 @pytest.mark.parametrize("steps", [(), (100, 0), (10.5,)])
 def test_decoder_cycles_must_be_positive_step_counts(steps):
     with pytest.raises(ValueError, match="decoder_steps"):
@@ -150,7 +161,11 @@ def test_decoder_cycles_must_be_positive_step_counts(steps):
 
 
 @pytest.mark.parametrize("change, named", [({"edit_steps": ()}, "edit_steps"), ({"edit_repeat": (1, 0)}, "edit_repeat"),
-                                           ({"edit_steps": (1000,)}, "one value per edit cycle")])
+                                           ({"edit_batch_size": (32, 8.0)}, "edit_batch_size"),
+                                           ({"edit_lr": (2e-4, 0.0)}, "edit_lr"), ({"edit_lr": ("2e-4", 4e-4)}, "edit_lr"),
+                                           ({"edit_lr": (2e-4,)}, "one value per edit cycle"),
+                                           ({"edit_steps": (1000,)}, "one value per edit cycle"),
+                                           ({"edit_batch_size": (32,)}, "one value per edit cycle")])
 def test_edit_cycles_need_positive_steps_and_a_repeat_each(change, named):
     with pytest.raises(ValueError, match=named):
         replace(DemoRecipe(), **change)

@@ -134,9 +134,13 @@ class DemoRecipe:
     # exceed its 90 minutes (the edit cycles run last, on both threads, about 13 minutes each). A fourth: 44% of 48
     # (96 edits 43%) while its training edits rise 60% -> 75%; on 8,000 edits, 47% of 96 (within the noise).
     edit_steps: tuple[int, ...] = (1000, 3000)
-    # 4e-4 (1,000 steps, 20%): edits 12.5% exact (identity 45%), reconstruction 33% (32.2 dB), but plain prompts
-    # 95/83/95/99/73% (exact 54%).
-    edit_lr: float = 2e-4
+    # Peak learning rate of each edit cycle. First cycle: 4e-4 (1,000 steps, 20%) edited 12.5% exact (identity
+    # 45%), reconstruction 33% (32.2 dB), but plain prompts 95/83/95/99/73% (exact 54%). Second cycle: 4e-4 (was
+    # 2e-4; 2026-12-04, from the shipped first-cycle checkpoint, same time): 48 held-out edits 31% -> 40% exact
+    # (identity 77% -> 78%), 96 edits 29% -> 36%; plain prompts 99/93/99/100/75% -> 99/94/99/100/77% (exact 67%
+    # both), Verifi 90% -> 88% exact, one-tile reconstruction 62% -> 67%. In the same time, 3 in 4 samples an edit
+    # (edit_repeat 9) edited 33% (96 edits: 34%), half the batch for twice the steps 33-35% (34%).
+    edit_lr: tuple[float, ...] = (2e-4, 4e-4)
     # The edit finetune also draws the text-to-image samples (trainer stage "mixed": 3 in 4 samples
     # there), all with one reference at most. From one t2i checkpoint (87% colour, 82% size, 89%
     # position on 48 held-out prompts), 400 steps on edits alone left 71%, 66%, 85%; mixed, 85%, 84%,
@@ -154,6 +158,13 @@ class DemoRecipe:
     # tile 25% -> 29% (31.7 -> 31.8 dB), plain prompts 98/86/96/100/75% -> 97/87/97/100/77%: within the noise.
     # One value per edit cycle (edit_steps); the second cycle's 3 gives the edits more of its longer run.
     edit_repeat: tuple[int, ...] = (1, 3)
+    # Samples per step of each edit cycle (the text-to-image stage's is batch_size). Half the batch for twice the
+    # steps did not buy what a third cycle did (2026-12-04, from the shipped first-cycle checkpoint, one thread on
+    # the AMD EPYC, where a batch-16 step took 0.51 of a batch-32 one): cycles 2 and 3 of 2,700 steps at 16 edited
+    # 33% of the 48 held-out edits (identity 78%) and 34% of 96, one cycle of 5,400 at 16 35% (79%) and 34%,
+    # against 31% (77%) and 29% for the shipped 3,000 at 32 and 44% and 42% for 3,000 + 3,000 at 32; text-to-image
+    # within the noise. The edits gain with the samples seen, not with the optimizer's steps.
+    edit_batch_size: tuple[int, ...] = (32, 32)
     warmup_steps: int = 100
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
@@ -170,13 +181,17 @@ class DemoRecipe:
     ablation_steps: int = 400  # text-to-image steps of each ablation variant (`train-demo --ablations`)
 
     def __post_init__(self) -> None:
-        for name in ("decoder_steps", "edit_steps", "edit_repeat"):
+        for name in ("decoder_steps", "edit_steps", "edit_repeat", "edit_batch_size"):
             values = getattr(self, name)
             if not values or any(not isinstance(n, int) or n < 1 for n in values):
                 raise ValueError(f"{name} must be one or more positive integers (one per cycle), got {values!r}")
-        if len(self.edit_steps) != len(self.edit_repeat):
-            raise ValueError(f"edit_steps {self.edit_steps!r} and edit_repeat {self.edit_repeat!r} need one value per "
-                             "edit cycle each")
+        if not self.edit_lr or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+                                   for lr in self.edit_lr):
+            raise ValueError(f"edit_lr must be one or more positive learning rates (one per cycle), got {self.edit_lr!r}")
+        per_cycle = {name: getattr(self, name) for name in ("edit_steps", "edit_repeat", "edit_batch_size", "edit_lr")}
+        if len({len(values) for values in per_cycle.values()}) > 1:
+            raise ValueError(", ".join(f"{name} {values!r}" for name, values in per_cycle.items())
+                             + " need one value per edit cycle each")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,7 +203,9 @@ def quick_recipe(seed: int = 0) -> DemoRecipe:
     return DemoRecipe(seed=seed, vlm=vlm, vlm_eval_count=4, vae_images=16, vae_steps=3, vae_batch_size=4,
                       vae_crop=16, decoder_steps=(2, 1), t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
                       dit_width=32, dit_depth=1, dit_heads=2, time_embed_dim=32, lap_heads=2, refiner_blocks=1,
-                      batch_size=4, t2i_steps=4, edit_steps=(2, 1), warmup_steps=1, eval_count=1, ablation_steps=2,
+                      batch_size=4, t2i_steps=4, edit_steps=(2, 1), edit_batch_size=(4, 3), edit_lr=(2e-4, 3e-4),
+                      warmup_steps=1,
+                      eval_count=1, ablation_steps=2,
                       vlm_layers=(0, 2))
 
 

@@ -161,12 +161,13 @@ def _step_logger(label: str, every: int) -> Any:
 
 def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, **overrides: Any) -> Any:
     """The trainer options of a stage; ``steps`` replaces the stage's step count (ablations). For the
-    edit stage they are its first cycle's (`edit_cycle` overrides steps and edit_repeat)."""
+    edit stage they are its first cycle's (`edit_cycle` overrides steps, edit_repeat, batch size and lr)."""
     from ..train.recipe import TrainConfig
 
     steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps[0])
     options: dict[str, Any] = dict(
-        steps=steps, batch_size=recipe.batch_size, lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr,
+        steps=steps, batch_size=recipe.batch_size if stage == "t2i" else recipe.edit_batch_size[0],
+        lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr[0],
         condition_lr_scale=recipe.condition_lr_scale if stage == "t2i" else 1.0,
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout,
@@ -212,17 +213,20 @@ def _edit_name(cycle: int) -> str:
 
 
 def edit_cycle(recipe: DemoRecipe, cache: Any, work: Path, cycle: int, init: Path, out: Path) -> Path:
-    """Cycle ``cycle`` of the edit finetune: ``recipe.edit_steps[cycle]`` steps with
-    ``recipe.edit_repeat[cycle]``, whose warmup and cosine schedule restart from the release
-    checkpoint ``init`` (the previous cycle's, or text-to-image's), exported to ``out``. Every cycle
-    draws with the recipe's seed (the shipped second cycle did), so two cycles with the same
-    edit_repeat see their batches in the same order."""
+    """Cycle ``cycle`` of the edit finetune: ``recipe.edit_steps[cycle]`` steps of
+    ``recipe.edit_batch_size[cycle]`` samples with ``recipe.edit_repeat[cycle]``, whose warmup and
+    cosine schedule (peak ``recipe.edit_lr[cycle]``) restart from the release checkpoint ``init``
+    (the previous cycle's, or text-to-image's), exported to ``out``. Every cycle draws with the
+    recipe's seed (the shipped second cycle did), so two cycles with the same edit_repeat and batch
+    size see their batches in the same order."""
     from ..train.export import export_release
     from ..train.run import train
 
     steps = recipe.edit_steps[cycle]
     logger.info("edit cycle %d of %d: %d steps", cycle + 1, len(recipe.edit_steps), steps)
-    config = _recipe_config(recipe, "edit", steps, edit_repeat=recipe.edit_repeat[cycle], init_from=str(init))
+    config = _recipe_config(recipe, "edit", steps, edit_repeat=recipe.edit_repeat[cycle],
+                            batch_size=recipe.edit_batch_size[cycle], lr=recipe.edit_lr[cycle],
+                            init_from=str(init))
     result = train(cache.folder, work / _edit_name(cycle), None, config,
                    resume=None, callbacks=[_step_logger("edit", 100)], progress=False)
     return export_release(result.state_dir, out)

@@ -133,7 +133,8 @@ STAGE_PARAMS = {
             "t2i_steps", "t2i_lr",
             "condition_lr_scale", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
             "verifi_prob", "loss_whitening", "dit_mixed_precision"),
-    "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "timestep_logit_mean"),
+    "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "edit_batch_size",
+             "timestep_logit_mean"),
     "decoder": ("decoder_steps", "decoder_lr"),
     "ablation": ("ablation_steps",),
 }
