@@ -164,6 +164,8 @@ def test_decoder_cycles_must_be_positive_step_counts(steps):
                                            ({"edit_batch_size": (32, 8.0)}, "edit_batch_size"),
                                            ({"edit_lr": (2e-4, 0.0)}, "edit_lr"), ({"edit_lr": ("2e-4", 4e-4)}, "edit_lr"),
                                            ({"edit_lr": (2e-4,)}, "one value per edit cycle"),
+                                           ({"edit_lr": 2e-4}, "edit_lr must be a tuple"),
+                                           ({"edit_steps": 3000}, "edit_steps must be a tuple"),
                                            ({"edit_steps": (1000,)}, "one value per edit cycle"),
                                            ({"edit_batch_size": (32,)}, "one value per edit cycle")])
 def test_edit_cycles_need_positive_steps_and_a_repeat_each(change, named):

@@ -181,13 +181,16 @@ class DemoRecipe:
     ablation_steps: int = 400  # text-to-image steps of each ablation variant (`train-demo --ablations`)
 
     def __post_init__(self) -> None:
-        for name in ("decoder_steps", "edit_steps", "edit_repeat", "edit_batch_size"):
+        def per_cycle_values(name: str, kinds: tuple[type, ...], what: str) -> None:
             values = getattr(self, name)
-            if not values or any(not isinstance(n, int) or n < 1 for n in values):
-                raise ValueError(f"{name} must be one or more positive integers (one per cycle), got {values!r}")
-        if not self.edit_lr or any(isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
-                                   for lr in self.edit_lr):
-            raise ValueError(f"edit_lr must be one or more positive learning rates (one per cycle), got {self.edit_lr!r}")
+            if (not isinstance(values, (tuple, list)) or not values
+                    or any(isinstance(v, bool) or not isinstance(v, kinds) or not v > 0 for v in values)):
+                raise ValueError(f"{name} must be a tuple of one or more positive {what} (one per cycle), "
+                                 f"got {values!r}")
+
+        for name in ("decoder_steps", "edit_steps", "edit_repeat", "edit_batch_size"):
+            per_cycle_values(name, (int,), "integers")
+        per_cycle_values("edit_lr", (int, float), "learning rates")
         per_cycle = {name: getattr(self, name) for name in ("edit_steps", "edit_repeat", "edit_batch_size", "edit_lr")}
         if len({len(values) for values in per_cycle.values()}) > 1:
             raise ValueError(", ".join(f"{name} {values!r}" for name, values in per_cycle.items())
