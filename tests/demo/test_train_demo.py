@@ -144,7 +144,8 @@ def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
 
 
 def test_each_edit_cycle_trains_at_its_own_batch_size_and_learning_rate(quick_run):
-    """The shipped second cycle peaks at twice the first's learning rate."""
+    """Each cycle trains at its own batch size and peak learning rate (the shipped second cycle peaks at twice
+    the first's)."""
     _, work = quick_run
     recipe = quick_recipe(3)
     assert len(set(recipe.edit_batch_size)) > 1 and len(set(recipe.edit_lr)) > 1
@@ -162,7 +163,8 @@ def test_decoder_cycles_must_be_positive_step_counts(steps):
 
 @pytest.mark.parametrize("change, named", [({"edit_steps": ()}, "edit_steps"), ({"edit_repeat": (1, 0)}, "edit_repeat"),
                                            ({"edit_batch_size": (32, 8.0)}, "edit_batch_size"),
-                                           ({"edit_lr": (2e-4, 0.0)}, "edit_lr"), ({"edit_lr": ("2e-4", 4e-4)}, "edit_lr"),
+                                           ({"edit_lr": (2e-4, 0.0)}, "edit_lr"),
+                                           ({"edit_lr": ("2e-4", 4e-4)}, "edit_lr"),
                                            ({"edit_lr": (2e-4,)}, "one value per edit cycle"),
                                            ({"edit_lr": 2e-4}, "edit_lr must be a tuple"),
                                            ({"edit_steps": 3000}, "edit_steps must be a tuple"),
