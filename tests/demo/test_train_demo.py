@@ -144,7 +144,7 @@ def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
 
 
 def test_each_edit_cycle_trains_at_its_own_batch_size_and_learning_rate(quick_run):
-    """Each cycle trains at its own batch size and peak learning rate (the shipped second cycle peaks at twice
+    """Each cycle trains at its own batch size and peak learning rate (the shipped second cycle peaks at four times
     the first's)."""
     _, work = quick_run
     recipe = quick_recipe(3)
