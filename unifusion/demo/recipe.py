@@ -208,8 +208,7 @@ def quick_recipe(seed: int = 0) -> DemoRecipe:
                       vae_crop=16, decoder_steps=(2, 1), t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
                       dit_width=32, dit_depth=1, dit_heads=2, time_embed_dim=32, lap_heads=2, refiner_blocks=1,
                       batch_size=4, t2i_steps=4, edit_steps=(2, 1), edit_batch_size=(4, 3), edit_lr=(2e-4, 3e-4),
-                      warmup_steps=1,
-                      eval_count=1, ablation_steps=2,
+                      warmup_steps=1, eval_count=1, ablation_steps=2,
                       vlm_layers=(0, 2))
 
 

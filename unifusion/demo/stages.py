@@ -159,15 +159,16 @@ def _step_logger(label: str, every: int) -> Any:
     return log
 
 
-def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, **overrides: Any) -> Any:
+def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, cycle: int = 0,
+                   **overrides: Any) -> Any:
     """The trainer options of a stage; ``steps`` replaces the stage's step count (ablations). For the
-    edit stage they are its first cycle's (`edit_cycle` overrides steps, edit_repeat, batch size and lr)."""
+    edit stage they are those of edit cycle ``cycle`` (its steps, batch size, peak lr and edit_repeat)."""
     from ..train.recipe import TrainConfig
 
-    steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps[0])
+    steps = steps or (recipe.t2i_steps if stage == "t2i" else recipe.edit_steps[cycle])
     options: dict[str, Any] = dict(
-        steps=steps, batch_size=recipe.batch_size if stage == "t2i" else recipe.edit_batch_size[0],
-        lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr[0],
+        steps=steps, batch_size=recipe.batch_size if stage == "t2i" else recipe.edit_batch_size[cycle],
+        lr=recipe.t2i_lr if stage == "t2i" else recipe.edit_lr[cycle],
         condition_lr_scale=recipe.condition_lr_scale if stage == "t2i" else 1.0,
         warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)), schedule="cosine", ema_decay=recipe.ema_decay,
         seed=recipe.seed, cond_dropout=recipe.cond_dropout,
@@ -175,7 +176,7 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
         verifi_prob=recipe.verifi_prob, logit_mean=recipe.timestep_logit_mean,
         loss_whitening=recipe.loss_whitening,
         stage="mixed" if stage == "edit" and recipe.edit_mix_t2i else stage,
-        edit_repeat=recipe.edit_repeat[0] if stage == "edit" else 1,
+        edit_repeat=recipe.edit_repeat[cycle] if stage == "edit" else 1,
         mixed_precision=recipe.dit_mixed_precision, save_every=max(steps, 1), keep_last=1,
         log_every=max(1, min(50, steps)))
     return TrainConfig(**{**options, **overrides})
@@ -222,11 +223,8 @@ def edit_cycle(recipe: DemoRecipe, cache: Any, work: Path, cycle: int, init: Pat
     from ..train.export import export_release
     from ..train.run import train
 
-    steps = recipe.edit_steps[cycle]
-    logger.info("edit cycle %d of %d: %d steps", cycle + 1, len(recipe.edit_steps), steps)
-    config = _recipe_config(recipe, "edit", steps, edit_repeat=recipe.edit_repeat[cycle],
-                            batch_size=recipe.edit_batch_size[cycle], lr=recipe.edit_lr[cycle],
-                            init_from=str(init))
+    logger.info("edit cycle %d of %d: %d steps", cycle + 1, len(recipe.edit_steps), recipe.edit_steps[cycle])
+    config = _recipe_config(recipe, "edit", cycle=cycle, init_from=str(init))
     result = train(cache.folder, work / _edit_name(cycle), None, config,
                    resume=None, callbacks=[_step_logger("edit", 100)], progress=False)
     return export_release(result.state_dir, out)
