@@ -161,7 +161,8 @@ class DemoRecipe:
     edit_repeat: tuple[int, ...] = (1, 3)
     # Samples per step of each edit cycle (the text-to-image stage's is batch_size). Half the batch for twice the
     # steps did not buy what a third cycle did (2026-12-04, from the shipped first-cycle checkpoint, one thread on
-    # the AMD EPYC, where a batch-16 step took 0.51 of a batch-32 one): cycles 2 and 3 of 2,700 steps at 16 edited
+    # the AMD EPYC; single timings, not a benchmark: 2,700 batch-16 steps took 771 s, 3,000 batch-32 ones 1,671 s,
+    # each beside another run): cycles 2 and 3 of 2,700 steps at 16 edited
     # 33% of the 48 held-out edits (identity 78%) and 34% of 96, one cycle of 5,400 at 16 35% (79%) and 34%,
     # against 31% (77%) and 29% for 3,000 at 32 and 44% and 42% for 3,000 + 3,000 at 32 (all at lr 2e-4); text-to-image
     # within the noise. The edits gain with the samples seen, not with the optimizer's steps.
