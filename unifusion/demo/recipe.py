@@ -158,8 +158,8 @@ class DemoRecipe:
     # and count (74/50/72/66/42% -> 83/39/86/75/50% and 85/28/87/83/54%) but worse on shape, exact scenes 12% -> 8%
     # and 12%; edits (72 held-out) went from 10% to 12% and 11% exact, identity 32% -> 34% and 37%. With them,
     # 20% over 1,000 steps helped (see edit_steps).
-    # In the second cycle (2026-12-04, lr 8e-4), none edited 33% of 48 held-out edits exactly against 42% (96: 34% and
-    # 41%), with reconstruction from one tile still 67%.
+    # In the second cycle (2026-12-04, lr 8e-4), 0 instead of 0.2 edited 33% of 48 held-out edits exactly against
+    # 42% (96: 34% and 41%), with reconstruction from one tile still 67%.
     edit_recon_prob: float = 0.2
     # TrainConfig.edit_repeat: 1 keeps 1 edit in 4 samples (2,000 edits beside 6,000 t2i). 3 (1 in 2), from the
     # shipped text-to-image checkpoint: edits 15% -> 12.5% exact (identity 48% -> 52%), reconstruction from one
