@@ -172,8 +172,9 @@ class DemoRecipe:
     # One value per edit cycle (edit_steps); the second cycle's 3 gives the edits more of its longer run.
     # Second cycle at lr 8e-4 (2026-12-05, from the shipped first-cycle checkpoint): 3, 9 and 27 (1 in 2, 3 in 4
     # and 9 in 10 samples an edit) edited 41%, 45% and 46% of 96 held-out edits exactly; on a second training seed
-    # 42%, 46% and 49%. Each alone is within the noise of 96 edits; both seeds favour the larger share, which
-    # costs no time (the same steps draw other samples), so the second cycle ships 27.
+    # 42%, 46% and 49%; on a third, 1 in 2 43% and 9 in 10 52% (paired over the three seeds: 38 gained, 17 lost).
+    # It costs no time (the same steps draw other samples), so the second cycle ships 27. 81 (27 in 28) edited 54%
+    # and 48% on two seeds but drew plain prompts exactly 60% of the time on both (27: 71% and 69%).
     edit_repeat: tuple[int, ...] = (1, 27)
     # Samples per step of each edit cycle (the text-to-image stage's is batch_size). Half the batch for twice the
     # steps did not buy what a third cycle did (2026-12-04, from the shipped first-cycle checkpoint, one thread on
