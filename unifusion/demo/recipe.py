@@ -47,8 +47,8 @@ class DemoRecipe:
     decoder_lr: float = 5e-4
     t2i_samples: int = 6000
     # 8,000 (2026-12-05, second edit cycle at lr 8e-4 from the shipped first-cycle checkpoint): 43% (edit_repeat 1) and
-    # 47% (3) of 96 held-out edits exactly against 41%, within the noise of 96 edits; it would cost a cache 1.75x
-    # as large and a new first cycle.
+    # 47% (3) of 96 held-out edits exactly against 41%, and 49% (7, 9 in 10 samples an edit) against 46%, within
+    # the noise of 96 edits; it would cost a cache 1.75x as large and a new first cycle.
     edit_samples: int = 2000
     verifi_max_new_tokens: int = 48
     # Each training sample's Verifi features are its true detailed scene forced as the VLM's answer
@@ -169,7 +169,7 @@ class DemoRecipe:
     # TrainConfig.edit_repeat: 1 keeps 1 edit in 4 samples (2,000 edits beside 6,000 t2i). 3 (1 in 2), from the
     # shipped text-to-image checkpoint: edits 15% -> 12.5% exact (identity 48% -> 52%), reconstruction from one
     # tile 25% -> 29% (31.7 -> 31.8 dB), plain prompts 98/86/96/100/75% -> 97/87/97/100/77%: within the noise.
-    # One value per edit cycle (edit_steps); the second cycle's 3 gives the edits more of its longer run.
+    # One value per edit cycle (edit_steps); the second cycle's larger one gives the edits more of its longer run.
     # Second cycle at lr 8e-4 (2026-12-05, from the shipped first-cycle checkpoint): 3, 9 and 27 (1 in 2, 3 in 4
     # and 9 in 10 samples an edit) edited 41%, 45% and 46% of 96 held-out edits exactly; on a second training seed
     # 42%, 46% and 49%; on a third, 1 in 2 43% and 9 in 10 52% (paired over the three seeds: 38 gained, 17 lost).
