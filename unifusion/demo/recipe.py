@@ -186,6 +186,8 @@ class DemoRecipe:
     edit_batch_size: tuple[int, ...] = (32, 32)
     warmup_steps: int = 100
     ema_decay: float = 0.999
+    # Both DiT stages. In the second edit cycle alone (2026-12-05), 0.05 and 0.2 edited 49% and 47% of 96 held-out
+    # edits against 46%, plain prompts exact 62% and 67% against 71%: within the noise of one seed.
     cond_dropout: float = 0.1
     # Reconstruction batches of the t2i stage (the paper's 3%). 10%: same VLM, cache, decoder and 7,200 steps, 48 held-out
     # prompts after the edit finetune: plain 99/84/98/100/79% (exact 67%) -> 100/91/100/100/79% (67%), held-out
