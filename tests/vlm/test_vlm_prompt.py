@@ -11,7 +11,7 @@ from PIL import Image
 
 from unifusion.errors import InputError
 from unifusion.vlm.images import dynamic_tiles
-from unifusion.vlm.prompt import build_prompt, build_prompts
+from unifusion.vlm.prompt import build_prompt, build_prompts, images_then_text
 from unifusion.vlm.tiny import build_tokenizer
 
 PROMPT = "A red cat on the left, two blue dogs."
@@ -114,6 +114,22 @@ def test_interleaved_images_keep_their_order(tiny_vlm):
     assert runs == [0, 1, 0, 1, 0]
     words = _decode(tiny_vlm.tokenizer, prompt.input_ids[0], prompt.is_instruction[0])
     assert words == "left shape right shape make it blue".split()
+
+
+def test_several_references_are_labelled_one_is_not(tiny_vlm):
+    first, second = _image(64, 64, 1), _image(64, 64, 2)
+    assert images_then_text([first], "make it blue") == [first, "make it blue"]
+    assert images_then_text([first], None) == [first]
+    content = images_then_text([first, second], "put the shape from image 2 on the left")
+    assert [c for c in content if isinstance(c, Image.Image)] == [first, second]
+    prompt = build_prompt(tiny_vlm, content, max_tiles=1)
+    roles = torch.full(prompt.input_ids.shape[1:], -1)
+    roles[prompt.is_instruction[0]] = 0
+    roles[prompt.is_image[0]] = 1
+    runs = [int(r) for r in torch.unique_consecutive(roles[roles >= 0])]
+    assert runs == [0, 1, 0, 1, 0]  # label, image, label, image, instruction
+    text = prompt.texts[0]
+    assert text.index("Image-1: ") < text.index("Image-2: ") < text.index("put the shape")
 
 
 def test_batch_padding_sides(tiny_vlm):

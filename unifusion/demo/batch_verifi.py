@@ -22,7 +22,7 @@ from ..vlm.encode import VLMFeatures, paper_keep
 from ..vlm.images import to_pil_list
 from ..vlm.layers import LayerCapture
 from ..vlm.loader import LoadedVLM
-from ..vlm.prompt import PromptInputs, build_prompts
+from ..vlm.prompt import PromptInputs, build_prompts, images_then_text
 from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT, VerifiResult, eos_token_ids, extend_positions, kept_count, pad_token_id
 
 
@@ -84,7 +84,7 @@ def verifi_rewrite_batch(
     if len(images) != len(texts) or not texts:
         raise InputError(f"verifi_rewrite_batch needs one image list per text, got {len(texts)} texts and "
                          f"{len(images)} image lists")
-    contents = [to_pil_list(list(pics)) + [text or ""] for text, pics in zip(texts, images)]
+    contents = [images_then_text(to_pil_list(list(pics)), text or "") for text, pics in zip(texts, images)]
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else (system_prompt.strip() or None)
     prompt = build_prompts(vlm, contents, system_prompt=system, add_generation_prompt=True, max_tiles=max_tiles,
                            max_length=vlm.max_length - max_new_tokens - 1, padding_side="left")

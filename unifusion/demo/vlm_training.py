@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..vlm.loader import LoadedVLM, load_vlm
-from ..vlm.prompt import build_prompt
+from ..vlm.prompt import build_prompt, images_then_text
 from ..vlm.tiny import build_tiny_vlm
 from ..vlm.verifi import DEFAULT_SYSTEM_PROMPT
 from .batch_verifi import verifi_rewrite_batch
@@ -174,7 +174,7 @@ class LMExample:
 
 def _example(vlm: LoadedVLM, text: Optional[str], images: Sequence[Scene], answer: str, system: Optional[str],
              task: str) -> LMExample:
-    content: list[Any] = [render(s) for s in images] + ([text] if text is not None else [])
+    content = images_then_text([render(s) for s in images], text)
     prompt = build_prompt(vlm, content, system_prompt=system, add_generation_prompt=True, max_tiles=1)
     answer_ids = vlm.tokenizer(answer, add_special_tokens=False)["input_ids"] + [vlm.tokenizer.eos_token_id]
     ids = torch.cat([prompt.input_ids[0], torch.tensor(answer_ids, dtype=torch.long)])

@@ -17,7 +17,7 @@ from ..errors import InputError
 from .images import to_pil_list
 from .layers import LayerCapture, layer_progress
 from .loader import LoadedVLM
-from .prompt import PromptInputs, build_prompts
+from .prompt import PromptInputs, build_prompts, images_then_text
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _contents(text: str | Sequence[str] | None, images: Any, content: Sequence |
         per_prompt = [to_pil_list(item) for item in images]
     else:
         raise InputError(f"{len(texts)} prompts need `images` as a list of {len(texts)} image lists (one per prompt)")
-    return [pics + [t] for pics, t in zip(per_prompt, texts)]
+    return [images_then_text(pics, t) for pics, t in zip(per_prompt, texts)]
 
 
 def _check_not_empty(contents: list[list[Any]]) -> None:

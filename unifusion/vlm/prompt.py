@@ -309,6 +309,21 @@ def _tiles_per_image(max_tiles: int | Sequence[int], total: int) -> list[int]:
     return tiles
 
 
+IMAGE_LABEL = "Image-{}: "  # InternVL's multi-image chat names each image so in its user text
+
+
+def images_then_text(pictures: Sequence[Any], text: str | None) -> list[Any]:
+    """User content for reference images followed by an instruction (None: images alone).
+
+    Several images each come after a label (``Image-1: <image>``, ``Image-2: <image>``, one per
+    line, as InternVL's multi-image chat writes them), so an instruction's "image 2" has tokens to
+    match instead of a block position to count; a single image goes unlabelled, as there."""
+    content: list[Any] = []
+    for number, picture in enumerate(pictures, start=1):
+        content += [IMAGE_LABEL.format(number), picture, "\n"] if len(pictures) > 1 else [picture]
+    return content + ([text] if text is not None else [])
+
+
 def build_prompts(
     vlm: LoadedVLM,
     contents: Sequence[Sequence[Any]],

@@ -47,7 +47,7 @@ from .encode import VLMFeatures, paper_keep
 from .images import to_pil_list
 from .layers import LayerCapture, LayerCaptureError
 from .loader import LoadedVLM
-from .prompt import PromptInputs, build_prompt
+from .prompt import PromptInputs, build_prompt, images_then_text
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _rewrite_prompt(vlm: LoadedVLM, text: str, images: Any, system_prompt: str |
     if room < 1:
         raise InputError(f"an answer of {answer_room} tokens leaves no room for the prompt in this VLM's "
                          f"{vlm.max_length}-token window; lower max_new_tokens or shorten the rewrite")
-    return build_prompt(vlm, pictures + [text], system_prompt=system, add_generation_prompt=True,
+    return build_prompt(vlm, images_then_text(pictures, text), system_prompt=system, add_generation_prompt=True,
                         max_tiles=max_tiles, max_length=room)
 
 
