@@ -23,7 +23,9 @@ class UniFusionReference(io.ComfyNode):
             display_name="UniFusion Reference",
             category=CATEGORY,
             description="Adds reference images for editing. Chain these nodes for any number of references; "
-                        "their order is the order the VLM sees them in.",
+                        "their order is the order the VLM sees them in. Several references reach the VLM labelled "
+                        "'Image-1: ', 'Image-2: ', ... (InternVL's multi-image chat), so an instruction can name "
+                        "them as 'image 1', 'image 2'.",
             inputs=[
                 io.Image.Input("image", tooltip="The reference image; every image of a batch becomes its own "
                                                 "reference."),

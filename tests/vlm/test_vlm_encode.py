@@ -12,7 +12,7 @@ from PIL import Image
 from unifusion.errors import InputError
 from unifusion.vlm.encode import VLMFeatures, encode
 from unifusion.vlm.loader import load_vlm
-from unifusion.vlm.prompt import build_prompt
+from unifusion.vlm.prompt import build_prompt, images_then_text
 
 PROMPT = "A red cat on the left, two blue dogs."
 SYSTEM = "Describe the image in a detailed prompt."
@@ -88,6 +88,22 @@ def test_image_only_and_interleaved_content(tiny_vlms):
     starts = (feats.input_ids[0] == vlm.model.config.vision_start_token_id).sum()
     assert starts == 2
     assert vlm.tokenizer.decode(feats.input_ids[0][feats.is_instruction[0]]).split() == "put on the left".split()
+
+
+def test_several_references_reach_the_vlm_labelled(tiny_vlm):
+    """Images passed beside the text are labelled when there are several: the same features as the
+    labelled content given explicitly; the user text stays the prompt alone."""
+    pictures = [_image(64, 64, 1), _image(64, 64, 2)]
+    text = "put the shape from image 2 on the left"
+    feats = encode(tiny_vlm, text, images=pictures, max_tiles=1)
+    explicit = encode(tiny_vlm, content=images_then_text(pictures, text), max_tiles=1)
+    assert torch.equal(feats.input_ids, explicit.input_ids)
+    torch.testing.assert_close(feats.features, explicit.features)
+    assert feats.text == [text]
+    words = tiny_vlm.tokenizer.decode(feats.input_ids[0][feats.is_instruction[0]]).lower()
+    assert words.count("image") == 3  # two labels, then the instruction's own
+    one = encode(tiny_vlm, text, images=pictures[:1], max_tiles=1)
+    assert tiny_vlm.tokenizer.decode(one.input_ids[0][one.is_instruction[0]]).lower().count("image") == 1
 
 
 def test_empty_prompt_is_an_error(tiny_vlms):

@@ -96,13 +96,16 @@ def _expand(items: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _contents(text: str | Sequence[str] | None, images: Any, content: Sequence | None) -> list[list[Any]]:
-    """User content per prompt: explicit interleaved lists, or images first then the text."""
+def _contents(text: str | Sequence[str] | None, images: Any, content: Sequence | None
+              ) -> tuple[list[list[Any]], list[str]]:
+    """(User content per prompt, its user text): explicit interleaved lists, or images first
+    (labelled when several, `images_then_text`) then the text."""
     if content is not None:
         if text or not _no_images(images):
             raise InputError("pass either `content` (interleaved text and images) or `text`/`images`, not both")
         nested = len(content) > 0 and all(isinstance(c, (list, tuple)) for c in content)
-        return [_expand(c) for c in (content if nested else [content])]
+        contents = [_expand(c) for c in (content if nested else [content])]
+        return contents, [" ".join(item for item in c if isinstance(item, str)) for c in contents]
     texts = [text or ""] if text is None or isinstance(text, str) else list(text)
     if len(texts) == 1:
         per_prompt = [to_pil_list(images)]
@@ -112,7 +115,7 @@ def _contents(text: str | Sequence[str] | None, images: Any, content: Sequence |
         per_prompt = [to_pil_list(item) for item in images]
     else:
         raise InputError(f"{len(texts)} prompts need `images` as a list of {len(texts)} image lists (one per prompt)")
-    return [images_then_text(pics, t) for pics, t in zip(per_prompt, texts)]
+    return [images_then_text(pics, t) for pics, t in zip(per_prompt, texts)], texts
 
 
 def _check_not_empty(contents: list[list[Any]]) -> None:
@@ -155,7 +158,7 @@ def encode(
     the end of its user text, with a logged warning. `progress(done, total)` is called after
     each decoder layer and may raise to abort.
     """
-    contents = _contents(text, images, content)
+    contents, texts = _contents(text, images, content)
     _check_not_empty(contents)
     prompt = build_prompts(vlm, contents, system_prompt=system_prompt, add_generation_prompt=False,
                            max_tiles=max_tiles, max_length=max_length)
@@ -167,7 +170,7 @@ def encode(
         is_image=prompt.is_image.to(device),
         keep=paper_keep(prompt).to(device),
         input_ids=prompt.input_ids.to(device),
-        text=[" ".join(item for item in c if isinstance(item, str)) for c in contents],
+        text=texts,
         layers=tuple(vlm.selected_layers),
         is_system=prompt.is_system.to(device),
         is_instruction=prompt.is_instruction.to(device),
