@@ -243,13 +243,15 @@ def image_reference(k: int, shape: Shape, rng: random.Random) -> str:
     return f"the {shape.colour} {shape.kind} from image {k + 1}"
 
 
-def composition_instruction(refs: list[str], cells: list[tuple[int, int]], rng: random.Random) -> str:
-    """'put the shape from image 1 on the left and the shape from image 2 on the right'."""
+def composition_instruction(refs: list[str], cells: list[tuple[int, int]], rng: random.Random
+                            ) -> tuple[str, list[int]]:
+    """('put the shape from image 1 on the left and the shape from image 2 on the right', the
+    references' indices in the order the instruction names them)."""
     clauses = [f"{ref} {position_phrase(cell, rng.choice(CELL_NAMES[cell]))}" for ref, cell in zip(refs, cells)]
     order = list(range(len(clauses)))
     if rng.random() < 0.3:
         rng.shuffle(order)
-    return f"{rng.choice(('put', 'place'))} " + _join([clauses[i] for i in order])
+    return f"{rng.choice(('put', 'place'))} " + _join([clauses[i] for i in order]), order
 
 
 @dataclass(frozen=True)
@@ -278,12 +280,15 @@ class EditSample:
 
 @dataclass(frozen=True)
 class CompositionSample:
-    """Several one-shape reference images combined into one target scene."""
+    """Several one-shape reference images combined into one target scene. ``detailed`` lists the
+    target row-major, ``rewrite`` in the order the instruction names the references (what a
+    rewrite can copy along, clause by clause, reading each named image as it goes)."""
 
     sources: tuple[Scene, ...]
     instruction: str
     target: Scene
     detailed: str
+    rewrite: str
 
 
 EDIT_OPS = ("recolour", "move", "add", "remove", "resize")
@@ -372,10 +377,12 @@ def _composition(rng: random.Random, refs: int) -> tuple[CompositionSample, list
     rng.shuffle(cells)
     free = [(r, c) for r in range(3) for c in range(3)]
     sources = tuple(Scene((random_shape(rng, rng.choice(free)),)) for _ in range(refs))
-    target = Scene(tuple(Shape(*src.shapes[0].look, *cell) for src, cell in zip(sources, cells)))
+    placed = [Shape(*src.shapes[0].look, *cell) for src, cell in zip(sources, cells)]
+    target = Scene(tuple(placed))
     names = [image_reference(k, src.shapes[0], rng) for k, src in enumerate(sources)]
-    text = composition_instruction(names, cells, rng)
-    return CompositionSample(sources, text, target, detailed(target)), [*sources, target]
+    text, order = composition_instruction(names, cells, rng)
+    return CompositionSample(sources, text, target, detailed(target), listing([placed[i] for i in order])), \
+        [*sources, target]
 
 
 def sample_compositions(n: int, seed: int, refs: int = 2, split: str = "all") -> list[CompositionSample]:
