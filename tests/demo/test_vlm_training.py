@@ -269,6 +269,13 @@ def test_compositions_show_every_reference_and_answer_the_combined_scene(monkeyp
         assert int((e.input_ids == image_id).sum()) == 16 * len(e.pixel_values)
         answer = normalise_rewrite(vlm.tokenizer.decode(e.input_ids[e.answer_start:-1]))
         assert parse_rewrite(answer) is not None and len(parse_rewrite(answer).shapes) == len(e.pixel_values)
+    # named_order answers in the instruction's order (`CompositionSample.rewrite`), else row-major
+    samples = sample_compositions(3, 4 + 2, refs=2) + sample_compositions(3, 4 + 3, refs=3)
+    rewrites = {c.rewrite for c in samples}
+    named = [normalise_rewrite(vlm.tokenizer.decode(e.input_ids[e.answer_start:-1]))
+             for e in build_examples(vlm, 6, seed=4, task_weights=(0, 0, 0, 1), named_order=True)]
+    answers = [normalise_rewrite(vlm.tokenizer.decode(e.input_ids[e.answer_start:-1])) for e in examples]
+    assert set(named) == rewrites and set(answers) == {c.detailed for c in samples} != rewrites
     targets = {c.instruction: c.detailed for c in sample_compositions(8, SPLIT_SEEDS["val"] + 4, refs=2)}
 
     def fake_batch(_vlm, texts, images, **_kw):
