@@ -381,8 +381,8 @@ def _composition(rng: random.Random, refs: int) -> tuple[CompositionSample, list
     target = Scene(tuple(placed))
     names = [image_reference(k, src.shapes[0], rng) for k, src in enumerate(sources)]
     text, order = composition_instruction(names, cells, rng)
-    return CompositionSample(sources, text, target, detailed(target), listing([placed[i] for i in order])), \
-        [*sources, target]
+    rewrite = listing([placed[i] for i in order])
+    return CompositionSample(sources, text, target, detailed(target), rewrite), [*sources, target]
 
 
 def sample_compositions(n: int, seed: int, refs: int = 2, split: str = "all") -> list[CompositionSample]:

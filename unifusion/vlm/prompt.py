@@ -309,7 +309,7 @@ def _tiles_per_image(max_tiles: int | Sequence[int], total: int) -> list[int]:
     return tiles
 
 
-IMAGE_LABEL = "Image-{}: "  # InternVL's multi-image chat names each image so in its user text
+IMAGE_LABEL = "Image-{}: "  # how InternVL's multi-image chat names each image in its user text
 
 
 def images_then_text(pictures: Sequence[Any], text: str | None) -> list[Any]:
