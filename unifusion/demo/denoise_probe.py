@@ -5,7 +5,7 @@ predicts the velocity once, and its guess x0 = x_t - t * v is decoded and scored
 At low t the noisy latent still shows the scene; at high t only the condition can tell the DiT
 what to draw, so the scores there say how much the DiT reads from its condition, free of the
 sampler. On the shipped model of 2026-12-01 colour falls from 100% at t = 0.2 to 55% at t = 0.95, and shape from
-76% (the autoencoder's own ceiling is 83%) to 31%, about a guess among four (see the README's shape
+76% (the autoencoder's own ceiling is 83%) to 31%, about a guess among four (see docs/demo_experiments.md, the shape
 paragraph).
 
     python -m unifusion.demo.denoise_probe [--verifi] [--checkpoint FILE] [--count 48]

@@ -44,7 +44,7 @@ def vlm_shape_warning(metrics: dict[str, float]) -> Optional[str]:
     return (f"the VLM's rewrites keep only {kept:.0%} of the prompts' shapes (chance {1 / len(KINDS):.0%}, the "
             "shipped VLM 95%): it has not learnt to copy shapes, so Verifi prompts through it will draw wrong ones. "
             "Stop here and train the VLM again with VLMTrainConfig.fixed_lm_head on (the recipe's default) or "
-            "another --seed; see the README, 'A fixed LM head'")
+            "another --seed; see docs/demo_experiments.md, 'A fixed LM head'")
 
 
 def stage_vlm(recipe: DemoRecipe, folder: Path) -> tuple[Any, dict[str, float]]:

@@ -106,7 +106,7 @@ class VLMTrainConfig:
     # 3,600 (same mix, seed 0) binds attributes to shapes far better on 200 validation samples: captions 87.5%,
     # edit rewrites 46%, compositions 62% exact (2,400: 64.5 / 25.5 / 22.5%); seed 1: 81.5 / 42 / 38% (2,400:
     # 50.5 / 27 / 17.5%). The DiT on it doubles Verifi edits (49% against 29% on 96) but draws 7 points fewer
-    # shapes from plain prompts (81% against 88%): kept at 2,400, see README "undertrained".
+    # shapes from plain prompts (81% against 88%): kept at 2,400, see docs/demo_experiments.md, "undertrained".
     steps: int = 2400
     batch_size: int = 32
     lr: float = 2e-3
@@ -121,7 +121,8 @@ class VLMTrainConfig:
     # caption, rewrite, edit, compose. Compositions (half with 2 images, half with 3) teach the VLM to read
     # several images: 17% of 200 two-image compositions rewritten exactly (1% without them). With the fixed
     # head, (0.18, 0.40, 0.26, 0.16) -> this mix: captions 52.5% -> 64.5% exact, edit rewrites 27% -> 25.5%,
-    # compositions 19% -> 22.5%, rewrites 100% -> 99%; the DiT on it reconstructs and composes better (README).
+    # compositions 19% -> 22.5%, rewrites 100% -> 99%; the DiT on it reconstructs and composes better
+    # (docs/demo_experiments.md).
     # Seed 1 of this mix captioned 50.5% (edits 27%, compositions 17.5%): the caption gain is not the mix's alone.
     task_weights: tuple[float, ...] = (0.2, 0.3, 0.3, 0.2)
     no_system_prob: float = 0.2  # share of examples without the system prompt

@@ -4,8 +4,9 @@ For one-shape scenes, the DiT's velocity loss under the scene's own caption is c
 loss after one word of it (colour, shape or size) is swapped for another value, at fixed noise
 levels, with the same noise draws for both. A word the DiT ignores gains nothing at every level;
 on 48 one-shape scenes the shipped model gains 0.67 per latent element from the colour word at
-t = 0.9 and 0.15 from the shape word (0.09 at t = 0.1; see the README's 3,600-step VLM finding). With ``verifi`` both captions go through
-the Verifi rewrite first, so the probe sees the features the rewrite path conditions on.
+t = 0.9 and 0.15 from the shape word (0.09 at t = 0.1; see docs/demo_experiments.md, the 3,600-step VLM).
+With ``verifi`` both captions go through the Verifi rewrite first, so the probe sees the features the
+rewrite path conditions on.
 
     python -m unifusion.demo.word_probe [--verifi] [--checkpoint FILE] [--scenes 12] [--draws 16]
 """
