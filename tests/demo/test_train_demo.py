@@ -277,6 +277,40 @@ def test_t2i_gets_the_same_threads_whether_or_not_the_decoder_runs_beside_it(qui
     assert file_digests(tmp_path / "out") == file_digests(out)
 
 
+def test_the_decoder_starts_behind_the_vae_and_the_cache_gets_this_process_share(quick_run, tmp_path, monkeypatch):
+    """The decoder needs only the vae stage's file, so it is queued in the worker before the VLM
+    stage and trains while the VLM and the cache run here; the cache then takes this process's
+    share of the threads (never more threads than cores) and both write what they wrote before."""
+    import shutil
+
+    from unifusion.demo import train_demo
+
+    out, work = quick_run
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(work, tmp_path / "work")
+    (tmp_path / "out" / DEMO_VAE_PATH).unlink()
+    shutil.rmtree(tmp_path / "work" / "cache")
+    events: list[Any] = []
+    start, cache, vlm = train_demo._start_worker, train_demo.stage_cache, train_demo.stage_vlm
+    monkeypatch.setattr(train_demo, "_start_worker",
+                        lambda pool, stage, *a: events.append(("queued", stage)) or start(pool, stage, *a))
+    monkeypatch.setattr(train_demo, "stage_cache",
+                        lambda *a, **k: events.append(("cache", torch.get_num_threads())) or cache(*a, **k))
+    monkeypatch.setattr(train_demo, "stage_vlm", lambda *a, **k: events.append("vlm") or vlm(*a, **k))
+    (tmp_path / "out" / DEMO_VLM / "config.json").unlink()  # the VLM trains again, with the decoder beside it
+    threads = torch.get_num_threads()
+    assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
+                 "--no-eval", "--jobs", "2"]) == 0
+    assert events == [("queued", "decoder"), "vlm", ("cache", max(1, threads - threads // 2))]
+    assert torch.get_num_threads() == threads
+    assert file_digests(tmp_path / "out") == file_digests(out)
+    shards = sorted(p.relative_to(work) for p in (work / "cache").rglob("*.safetensors"))
+    again = sorted(p.relative_to(tmp_path / "work") for p in (tmp_path / "work" / "cache").rglob("*.safetensors"))
+    assert shards and shards == again
+    for shard in shards:
+        assert train_demo.content_digest(tmp_path / "work" / shard) == train_demo.content_digest(work / shard)
+
+
 def test_ablations_train_in_the_worker_beside_t2i_and_only_those_missing(quick_run, tmp_path, monkeypatch):
     """With two jobs the ablation variants need only the cache, so the decoder's worker trains them
     while t2i runs; a re-run trains only a missing one, to the same tensors."""

@@ -14,7 +14,7 @@ Stages (`stages`), each logged with its wall and CPU time:
    (``edit_mix_t2i``), in cycles that each restart the schedule; the last is exported as the
    release checkpoint (``extra["sampling_shift"]`` set by the exporter);
 6. ``decoder`` the autoencoder's decoder finetuned in cycles from the ``vae`` stage's file
-   (encoder frozen), in a worker beside t2i;
+   (encoder frozen), in the worker right after the vae stage, beside the VLM, cache and t2i;
 7. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
    from the cache alone: with ``--jobs 2`` the decoder's worker trains them beside t2i;
 8. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
@@ -235,9 +235,17 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(_main_threads(threads, jobs))
-    vae_future, vae_stage = None, work / VAE_STAGE
-    if jobs > 1 and stop_after != "vlm" and not log.finished("vae", vae_stage):
-        vae_future = _start_worker(_worker_pool(stack), "vae", recipe, vae_stage, threads)
+    pool = _worker_pool(stack) if jobs > 1 else None
+    vae_future = decoder_future = ablation_future = None
+    vae_stage = work / VAE_STAGE
+    if pool is not None and stop_after != "vlm" and not log.finished("vae", vae_stage):
+        vae_future = _start_worker(pool, "vae", recipe, vae_stage, threads)
+    if pool is not None and stop_after in (None, "t2i") and not log.finished("decoder", out / DEMO_VAE_PATH):
+        # The decoder needs only the vae stage's file (the encoder, which makes the cached latents, stays
+        # frozen). Queued behind the vae it starts while the VLM still trains, instead of idling the worker's
+        # core until the cache is built, and ends before t2i (about 49 min against t2i's 44, started about 12
+        # min earlier), so the edit finetune waits for t2i alone.
+        decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads, vae_stage)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
             vlm = load_vlm(out / DEMO_VLM)
@@ -250,6 +258,9 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     vae = load_vae(vae_stage)
     if stop_after == "vae":
         return False
+    # The cache runs beside the decoder's worker: this process's share of the threads (two processes on
+    # more threads than cores slow each other many times over), whether the decoder runs or was reused.
+    torch.set_num_threads(_main_threads(threads, jobs))
     with timer.stage("cache"):
         if log.finished("cache", work / "cache" / "index.json"):
             cache = FeatureCache(work / "cache")
@@ -258,11 +269,6 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("cache")
     if stop_after == "cache":
         return False
-    decoder_future = ablation_future = None
-    pool = _worker_pool(stack) if jobs > 1 else None
-    if pool is not None and not log.finished("decoder", out / DEMO_VAE_PATH):
-        # The encoder made the cached latents and stays frozen: the decoder trains beside the DiT.
-        decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads, vae_stage)
     ablations_todo = [name for name in ABLATION_VARIANTS
                       if ablations and not log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")]
     if pool is not None and ablations_todo and stop_after is None:
@@ -275,8 +281,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
-    # Wait for the decoder (its three cycles take about 49 min on one thread against t2i's 44): the edit finetune
-    # then gets every thread.
+    # Wait for the decoder (normally done by now): the edit finetune then gets every thread.
     _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
     if ablation_future is not None:
         # They follow the decoder in the worker (about 10 min more). Wait for them too: the edit finetune's threads
