@@ -311,6 +311,23 @@ def test_the_decoder_starts_behind_the_vae_and_the_cache_gets_this_process_share
         assert train_demo.content_digest(tmp_path / "work" / shard) == train_demo.content_digest(work / shard)
 
 
+def test_an_error_here_stops_the_worker_instead_of_waiting_for_its_queued_stages(tmp_path, monkeypatch):
+    """With the decoder queued behind the vae, a failing VLM stage must not wait for both to finish:
+    the worker is stopped and the error comes out, with no decoder written."""
+    from unifusion.demo import train_demo
+
+    def failing_vlm(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the VLM stage failed")
+
+    monkeypatch.setattr(train_demo, "stage_vlm", failing_vlm)
+    with pytest.raises(RuntimeError, match="the VLM stage failed"):
+        main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
+              "--no-eval", "--jobs", "2"])
+    assert not (tmp_path / "out" / DEMO_VAE_PATH).exists()
+    assert not (tmp_path / "work" / "stages.json").exists() or "decoder" not in json.loads(
+        (tmp_path / "work" / "stages.json").read_text())
+
+
 def test_ablations_train_in_the_worker_beside_t2i_and_only_those_missing(quick_run, tmp_path, monkeypatch):
     """With two jobs the ablation variants need only the cache, so the decoder's worker trains them
     while t2i runs; a re-run trains only a missing one, to the same tensors."""

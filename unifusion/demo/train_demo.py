@@ -185,7 +185,28 @@ class StageLog:
 
 def _worker_pool(stack: contextlib.ExitStack) -> ProcessPoolExecutor:
     """One spawned worker process: stages submitted to it run one after the other."""
-    return stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return stack.enter_context(_stopped_on_error(pool))
+
+
+@contextlib.contextmanager
+def _stopped_on_error(pool: ProcessPoolExecutor) -> Iterator[ProcessPoolExecutor]:
+    """``pool``, shut down when done; when this process fails, its worker is stopped at once instead
+    of waited for, since the decoder queued behind the vae would otherwise hold an error in the VLM
+    stage back for an hour. Nothing half-made is reused: only this process marks a worker's stage
+    finished, after joining it. Ctrl-C reaches the worker itself, so it is left to end its stage."""
+    try:
+        yield pool
+    except Exception:
+        terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+        if terminate is not None:
+            terminate()
+        else:
+            for process in list((getattr(pool, "_processes", None) or {}).values()):
+                process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _start_worker(pool: ProcessPoolExecutor, stage: str, recipe: DemoRecipe, path: Path, threads: int,
