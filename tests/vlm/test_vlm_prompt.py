@@ -123,11 +123,13 @@ def test_several_references_are_labelled_one_is_not(tiny_vlm):
     content = images_then_text([first, second], "put the shape from image 2 on the left")
     assert [c for c in content if isinstance(c, Image.Image)] == [first, second]
     prompt = build_prompt(tiny_vlm, content, max_tiles=1)
-    roles = torch.full(prompt.input_ids.shape[1:], -1)
-    roles[prompt.is_instruction[0]] = 0
-    roles[prompt.is_image[0]] = 1
-    runs = [int(r) for r in torch.unique_consecutive(roles[roles >= 0])]
-    assert runs == [0, 1, 0, 1, 0]  # label, image, label, image, instruction
+    unlabelled = build_prompt(tiny_vlm, [first, second, "put the shape from image 2 on the left"], max_tiles=1)
+    added = prompt.input_ids.shape[1] - unlabelled.input_ids.shape[1]
+    # The labels add tokens of the template role only: the instruction and images keep theirs.
+    assert added > 0 and int(prompt.is_template.sum() - unlabelled.is_template.sum()) == added
+    for role in ("is_instruction", "is_image"):
+        assert torch.equal(prompt.input_ids[0][getattr(prompt, role)[0]],
+                           unlabelled.input_ids[0][getattr(unlabelled, role)[0]])
     text = prompt.texts[0]
     assert text.index("Image-1: ") < text.index("Image-2: ") < text.index("put the shape")
 

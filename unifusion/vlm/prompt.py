@@ -182,12 +182,19 @@ def _render_marked(tokenizer: Any, system_prompt: str | None, content: list[Any]
     )
 
 
+class TemplateText(str):
+    """User-message text the pack writes around the user's own (the ``Image-k: `` labels): rendered in
+    the user message like any text, but its tokens take the ``template`` role, so the DiT's plain
+    condition (image and instruction tokens) leaves them out and an over-long chat never drops them."""
+
+
 def _render(tokenizer: Any, system_prompt: str | None, content: list[Any], generation: bool,
             ) -> tuple[str, list[tuple[int, int, int]]]:
     """The rendered chat and the character spans (start, end, role) of the system and user texts."""
     user_texts = [c for c in content if isinstance(c, str)]
     texts = ([system_prompt] if system_prompt is not None else []) + user_texts
-    roles = [_SYSTEM] * (len(texts) - len(user_texts)) + [_INSTRUCTION] * len(user_texts)
+    roles = [_SYSTEM] * (len(texts) - len(user_texts)) + [
+        _TEMPLATE if isinstance(c, TemplateText) else _INSTRUCTION for c in user_texts]
     marks = [_MARK.format(i) for i in range(len(texts))]
     marked, as_string = _render_marked(tokenizer, system_prompt, content, marks, generation)
     real = tokenizer.apply_chat_template(_messages(system_prompt, content, texts, as_string), tokenize=False,
@@ -317,10 +324,14 @@ def images_then_text(pictures: Sequence[Any], text: str | None) -> list[Any]:
 
     Several images each come after a label (``Image-1: <image>``, ``Image-2: <image>``, one per
     line, as InternVL's multi-image chat writes them), so an instruction's "image 2" has tokens to
-    match instead of a block position to count; a single image goes unlabelled, as there."""
+    match instead of a block position to count; a single image goes unlabelled, as there. The labels are
+    `TemplateText`: the pack's scaffolding, not the user's instruction."""
     content: list[Any] = []
     for number, picture in enumerate(pictures, start=1):
-        content += [IMAGE_LABEL.format(number), picture, "\n"] if len(pictures) > 1 else [picture]
+        if len(pictures) > 1:
+            content += [TemplateText(IMAGE_LABEL.format(number)), picture, TemplateText("\n")]
+        else:
+            content.append(picture)
     return content + ([text] if text is not None else [])
 
 
