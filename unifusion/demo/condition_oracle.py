@@ -13,9 +13,8 @@ and the benchmark's scorer reads held-out samples back:
 
 Side by side at 800 steps, 96 held-out scenes (docs/demo_experiments.md, "The DiT learns shape"):
 shapes 100/77/100/100/99% (colour, shape, size, position, count), caption 62/24/65/69/52%, detailed
-99/68/99/99/99%. The
-DiT and the latents learn shape when the condition is a full, canonical description, and hardly
-at all from the captions.
+99/68/99/99/99%. The DiT and the latents learn shape when the condition is a full, canonical
+description, and hardly at all from the captions.
 
     python -m unifusion.demo.condition_oracle [--conditions shapes caption detailed] [--steps 800]
 """

@@ -279,8 +279,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     vae = load_vae(vae_stage)
     if stop_after == "vae":
         return False
-    # The cache runs beside the decoder's worker: this process's share of the threads (two processes on
-    # more threads than cores slow each other many times over), whether the decoder runs or was reused.
+    # The cache and t2i run beside the decoder's worker: this process's share of the threads (two processes
+    # on more threads than cores slow each other many times over), whether the decoder runs or was reused.
     torch.set_num_threads(_main_threads(threads, jobs))
     with timer.stage("cache"):
         if log.finished("cache", work / "cache" / "index.json"):
@@ -296,8 +296,7 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         # They need only the cache: after the decoder, the worker trains them on its thread while t2i
         # still runs (on 2 cores the second one would otherwise wait for t2i).
         ablation_future = _start_worker(pool, "ablations", recipe, work, threads, ablations_todo)
-    torch.set_num_threads(_main_threads(threads, jobs))
-    with timer.stage("t2i"):
+    with timer.stage("t2i"):  # on the share the cache had
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
