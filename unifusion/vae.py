@@ -323,6 +323,7 @@ def train_vae(
     foreground_margin: int = 0,
     identity_blocks: Sequence[str] = (),
     latent_noise: float = 0.0,
+    bf16: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> TinyAutoencoder:
     """Fit an autoencoder to ``images`` (N, 3, H, W) in [0, 1]: AdamW on MSE + l1_weight * L1,
@@ -340,7 +341,9 @@ def train_vae(
     cost. ``latent_noise`` adds Gaussian noise of that many latent standard deviations to the
     latents the decoder sees: images that differ only a little (a small diamond and a small
     circle) must then lie farther apart than the noise, which is what a diffusion model on these
-    latents needs to tell them apart at high noise levels. ``callback(step, loss)`` is called
+    latents needs to tell them apart at high noise levels. ``bf16`` runs the forward passes under
+    bfloat16 autocast (weights, optimizer and loss stay float32): on a CPU with AVX512-BF16 and AMX a
+    demo decoder step on one thread takes 0.12 s against 0.31 s. ``callback(step, loss)`` is called
     after every step. Deterministic for a given seed."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
@@ -357,7 +360,7 @@ def train_vae(
         _zero_init_residuals(model)
     with _Bypassed(model, identity_blocks):
         _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback,
-             latent_noise, foreground_margin)
+             latent_noise, foreground_margin, bf16)
     model.eval()
     calibrate_latents(model, images)
     return model
@@ -375,6 +378,7 @@ def finetune_decoder(
     foreground_weight: float = 0.0,
     edge_weight: float = 0.0,
     foreground_margin: int = 0,
+    bf16: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> TinyAutoencoder:
     """Train only the decoder of a trained autoencoder, every Block included (a run with
@@ -389,7 +393,7 @@ def finetune_decoder(
     model.taesd_decoder.requires_grad_(True)
     try:
         _fit(model, images, steps, gen, batch_size, lr, l1_weight, crop, foreground_weight, edge_weight, callback,
-             foreground_margin=foreground_margin)
+             foreground_margin=foreground_margin, bf16=bf16)
     finally:
         for param, flag in frozen:
             param.requires_grad_(flag)
@@ -416,7 +420,8 @@ def foreground_weights(x: torch.Tensor, weight: float, margin: int = 0) -> torch
 
 def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Generator, batch_size: int,
          lr: float, l1_weight: float, crop: int | None, foreground_weight: float, edge_weight: float,
-         callback: Callable[[int, float], None] | None, latent_noise: float = 0.0, foreground_margin: int = 0) -> None:
+         callback: Callable[[int, float], None] | None, latent_noise: float = 0.0, foreground_margin: int = 0,
+         bf16: bool = False) -> None:
     """The optimisation loop of `train_vae`."""
     if foreground_margin < 0:
         raise ValueError(f"foreground_margin must be >= 0 pixels, got {foreground_margin}")
@@ -441,11 +446,12 @@ def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Ge
             x = x[:, :, top:top + crop, left:left + crop]  # (B, 3, crop, crop)
         flip = torch.rand(len(idx), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        latent = model.taesd_encoder(x)  # (B, C, H/8, W/8)
-        if latent_noise:
-            noise = torch.randn(latent.shape, generator=gen).to(latent)
-            latent = latent + latent_noise * latent.detach().std() * noise
-        out = model.taesd_decoder(latent)  # (B, 3, H, W), unclamped
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            latent = model.taesd_encoder(x)  # (B, C, H/8, W/8)
+            if latent_noise:
+                noise = torch.randn(latent.shape, generator=gen).to(latent)
+                latent = latent + latent_noise * latent.detach().std() * noise
+            out = model.taesd_decoder(latent).float()  # (B, 3, H, W), unclamped
         err = out - x
         if foreground_weight:
             weight = foreground_weights(x, foreground_weight, foreground_margin)

@@ -257,9 +257,10 @@ def test_shipped_files_are_those_the_recorded_run_wrote():
     assert file_digests(ASSETS_DIR) == report["files"]
 
 
-def test_t2i_gets_the_same_threads_whether_or_not_the_decoder_runs_beside_it(quick_run, tmp_path, monkeypatch):
-    """bf16 kernels write other tensors on other thread counts, so a re-run that reuses the decoder
-    must train t2i on the share it had beside the decoder's worker."""
+def test_t2i_waits_for_the_decoder_and_trains_on_every_thread(quick_run, tmp_path, monkeypatch):
+    """t2i takes every thread once the decoder's worker is done, whether the decoder ran or is
+    reused: bf16 kernels write other tensors on other thread counts, so a re-run must give t2i the
+    threads it had."""
     import shutil
 
     from unifusion.demo import train_demo
@@ -270,10 +271,10 @@ def test_t2i_gets_the_same_threads_whether_or_not_the_decoder_runs_beside_it(qui
     (tmp_path / "work" / "t2i.safetensors").unlink()  # t2i (and the edit after it) run again, the decoder is reused
     seen, original = [], train_demo.stage_t2i
     monkeypatch.setattr(train_demo, "stage_t2i", lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
-    threads = torch.get_num_threads()  # as in quick_run: its t2i ran beside the decoder's worker
+    threads = torch.get_num_threads()  # as in quick_run, after its decoder had run in the worker
     assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
                  "--no-eval", "--jobs", "2"]) == 0
-    assert seen == [max(1, threads - threads // 2)] and torch.get_num_threads() == threads
+    assert seen == [threads] and torch.get_num_threads() == threads
     assert file_digests(tmp_path / "out") == file_digests(out)
 
 
@@ -328,9 +329,9 @@ def test_an_error_here_stops_the_worker_instead_of_waiting_for_its_queued_stages
         (tmp_path / "work" / "stages.json").read_text())
 
 
-def test_ablations_train_in_the_worker_beside_t2i_and_only_those_missing(quick_run, tmp_path, monkeypatch):
-    """With two jobs the ablation variants need only the cache, so the decoder's worker trains them
-    while t2i runs; a re-run trains only a missing one, to the same tensors."""
+def test_ablations_train_after_the_edit_on_every_thread_and_only_those_missing(quick_run, tmp_path, monkeypatch):
+    """The ablation variants train here after the model files (beside t2i they would take a core
+    from it), on every thread; a re-run trains only a missing one, to the same tensors."""
     import shutil
 
     from unifusion.demo import train_demo
@@ -340,11 +341,13 @@ def test_ablations_train_in_the_worker_beside_t2i_and_only_those_missing(quick_r
     shutil.copytree(work, tmp_path / "work")
     lap = tmp_path / "work" / "ablations" / "lap.safetensors"
     lap.unlink()
-    in_main = []
-    monkeypatch.setattr(train_demo, "stage_ablations", lambda *a, **k: in_main.append(a))
+    seen, original = [], train_demo.stage_ablations
+    monkeypatch.setattr(train_demo, "stage_ablations",
+                        lambda *a, **k: seen.append((a[2], torch.get_num_threads())) or original(*a, **k))
+    threads = torch.get_num_threads()
     assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
                  "--no-eval", "--jobs", "2", "--ablations"]) == 0
-    assert in_main == []  # trained in the worker process, not here
+    assert seen == [(["lap"], threads)]
     assert train_demo.content_digest(lap) == train_demo.content_digest(work / "ablations" / "lap.safetensors")
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert {f"ablation:{name}" for name in train_demo.ABLATION_VARIANTS} <= set(stages)

@@ -35,6 +35,11 @@ class DemoRecipe:
     # (a colour swap by 26.3 instead of 26.7), and the vae stage's decoder read back 61% of the shapes of
     # 200 held-out scenes instead of 64%.
     vae_latent_noise: float = 0.0
+    # Both autoencoder stages (vae and decoder) run their forward passes under bfloat16 autocast (float32 weights,
+    # `unifusion.vae.train_vae`'s ``bf16``). On a CPU with AVX512-BF16 and AMX a decoder step on one thread took
+    # 0.12 s against 0.31 s in float32 (one-off, 60 steps each, twice), so the decoder's worker is done before
+    # t2i starts and t2i gets every thread (docs/demo_experiments.md, "Autoencoder stages in bf16").
+    vae_bf16: bool = True
     # Then the decoder alone with every Block, beside the DiT stages, in cycles: each restarts the cosine
     # schedule from the weights the one before left (`stages.decoder_cycle`). One cycle of 3,000 steps turned
     # small diamonds into circles (1 of 47 read back) and read back 83% of the shapes of 200 held-out scenes,

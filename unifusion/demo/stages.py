@@ -76,7 +76,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
                       lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
                       foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
                       identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else (),
-                      latent_noise=recipe.vae_latent_noise)
+                      latent_noise=recipe.vae_latent_noise, bf16=recipe.vae_bf16)
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
@@ -120,7 +120,8 @@ def decoder_cycle(recipe: DemoRecipe, model: Any, cycle: int, images: torch.Tens
     logger.info("decoder cycle %d of %d: %d steps", cycle + 1, len(recipe.decoder_steps), recipe.decoder_steps[cycle])
     return finetune_decoder(model, images, recipe.decoder_steps[cycle], seed=recipe.seed + 1 + cycle,
                             batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
-                            foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight)
+                            foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
+                            bf16=recipe.vae_bf16)
 
 
 def demo_records(recipe: DemoRecipe) -> list[Any]:
@@ -235,27 +236,22 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "no_verifi": {"verifi_prob": 0.0}}
 
 
-def stage_ablations(recipe: DemoRecipe, work: Path, names: Sequence[str], threads: Optional[int] = None,
-                    ) -> tuple[None, dict[str, float]]:
+def stage_ablations(recipe: DemoRecipe, work: Path, names: Sequence[str]) -> None:
     """The benchmark's ablation variants ``names`` (of `ABLATION_VARIANTS`), each text-to-image at
     ``recipe.ablation_steps`` from the cache in ``work/cache``: LAP, the two pooling baselines, and
-    LAP without Verifi features. They need only the cache, so a worker trains them beside t2i;
-    ``threads`` sets torch's thread count first (for a worker process)."""
+    LAP without Verifi features."""
     from ..train.cache import FeatureCache
     from .bench import ABLATIONS
 
     assert set(ABLATION_VARIANTS) == set(ABLATIONS)
-    if threads:
-        torch.set_num_threads(threads)
     cache = FeatureCache(work / "cache")
     for name in names:
         started = time.monotonic()
         stage_t2i(recipe, cache, work / "ablations", name=name, steps=recipe.ablation_steps, **ABLATION_VARIANTS[name])
         logger.info("ablation %s: trained in %.1fs", name, time.monotonic() - started)
-    return None, {}
 
 
-WORKER_STAGES = {"vae": stage_vae, "decoder": stage_decoder, "ablations": stage_ablations}
+WORKER_STAGES = {"vae": stage_vae, "decoder": stage_decoder}
 
 
 def worker_job(stage: str, recipe: DemoRecipe, path: Path, threads: int, *args: Any,

@@ -125,7 +125,7 @@ def library_versions() -> dict[str, str]:
 STAGE_PARAMS = {
     "vlm": ("seed", "vlm", "vlm_eval_count"),
     "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
-            "vae_foreground_weight", "vae_edge_weight", "vae_light", "vae_latent_noise"),
+            "vae_foreground_weight", "vae_edge_weight", "vae_light", "vae_latent_noise", "vae_bf16"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "verifi_true_rewrites",
               "cache_batch_size", "vlm_layers"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
@@ -135,7 +135,7 @@ STAGE_PARAMS = {
             "verifi_prob", "loss_whitening", "dit_mixed_precision"),
     "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "edit_batch_size",
              "timestep_logit_mean"),
-    "decoder": ("decoder_steps", "decoder_lr"),
+    "decoder": ("decoder_steps", "decoder_lr", "vae_bf16"),
     "ablation": ("ablation_steps",),
 }
 UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",), "decoder": ("vae",),
@@ -219,9 +219,9 @@ def _start_worker(pool: ProcessPoolExecutor, stage: str, recipe: DemoRecipe, pat
 
 
 def _main_threads(threads: int, jobs: int) -> int:
-    """This process's threads for a stage that a worker may run beside (vlm, t2i): its share
-    whether the worker runs or its stage is reused, since bf16 kernels write other tensors on
-    other thread counts (t2i weights after 6 steps differ between 1 and 2 threads)."""
+    """This process's threads for a stage that a worker may run beside (vlm, cache): its share
+    whether the worker runs or its stage is reused, since kernels write other tensors on other
+    thread counts (bf16 t2i weights after 6 steps differ between 1 and 2 threads)."""
     return max(1, threads - threads // 2) if jobs > 1 else threads
 
 
@@ -257,15 +257,14 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     threads = torch.get_num_threads()
     torch.set_num_threads(_main_threads(threads, jobs))
     pool = _worker_pool(stack) if jobs > 1 else None
-    vae_future = decoder_future = ablation_future = None
+    vae_future = decoder_future = None
     vae_stage = work / VAE_STAGE
     if pool is not None and stop_after != "vlm" and not log.finished("vae", vae_stage):
         vae_future = _start_worker(pool, "vae", recipe, vae_stage, threads)
     if pool is not None and stop_after in (None, "t2i") and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The decoder needs only the vae stage's file (the encoder, which makes the cached latents, stays
-        # frozen). Queued behind the vae it starts while the VLM still trains, instead of idling the worker's
-        # core until the cache is built, and ends before t2i (in the shipped build the decoder ran from minute
-        # 12 to 63, t2i from 27 to 83), so the edit finetune waits for t2i alone.
+        # frozen). Queued behind the vae it trains while the VLM and the cache run here, and t2i waits for it
+        # (normally done by then: both autoencoder stages train in bf16) to take every thread.
         decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads, vae_stage)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
@@ -279,8 +278,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
     vae = load_vae(vae_stage)
     if stop_after == "vae":
         return False
-    # The cache and t2i run beside the decoder's worker: this process's share of the threads (two processes
-    # on more threads than cores slow each other many times over), whether the decoder runs or was reused.
+    # The cache runs beside the decoder's worker: this process's share of the threads (two processes on more
+    # threads than cores slow each other many times over), whether the decoder runs or was reused.
     torch.set_num_threads(_main_threads(threads, jobs))
     with timer.stage("cache"):
         if log.finished("cache", work / "cache" / "index.json"):
@@ -290,31 +289,25 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("cache")
     if stop_after == "cache":
         return False
-    ablations_todo = [name for name in ABLATION_VARIANTS
-                      if ablations and not log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")]
-    if pool is not None and ablations_todo and stop_after is None:
-        # They need only the cache: after the decoder, the worker trains them on its thread while t2i
-        # still runs (on 2 cores the second one would otherwise wait for t2i).
-        ablation_future = _start_worker(pool, "ablations", recipe, work, threads, ablations_todo)
-    with timer.stage("t2i"):  # on the share the cache had
+    # Wait for the decoder: t2i and the stages after it take every thread. The worker's core would otherwise
+    # idle for the second half of t2i (the 2026-12-05 build: decoder in float32 from minute 12 to 63, t2i on
+    # one thread from 27 to 83), and t2i trains on one thread count whether or not the decoder is reused.
+    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
+    with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
             stage_t2i(recipe, cache, work)
             log.mark("t2i")
-    # Wait for the decoder (normally done by now): the edit finetune then gets every thread.
-    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
-    if ablation_future is not None:
-        # They follow the decoder in the worker (about 10 min more). Wait for them too: the edit finetune's threads
-        # beside a busy worker oversubscribe the cores (100 steps took 7 min, not 25 s).
-        _join_worker(ablation_future, "ablations", timer)
-        _mark_ablations(log, ablations_todo)
     if stop_after == "t2i":
         return False
     with timer.stage("edit"):
         if not log.finished("edit", out / DEMO_CHECKPOINT):
             stage_edit(recipe, cache, work, t2i, out / DEMO_CHECKPOINT)
             log.mark("edit")
-    if ablations_todo and ablation_future is None:
+    # Last, after the model files: they need only the cache, but beside t2i they would take a core from it.
+    ablations_todo = [name for name in ABLATION_VARIANTS
+                      if ablations and not log.finished(f"ablation:{name}", work / "ablations" / f"{name}.safetensors")]
+    if ablations_todo:
         with timer.stage("ablations"):
             stage_ablations(recipe, work, ablations_todo)
         _mark_ablations(log, ablations_todo)
