@@ -333,27 +333,32 @@ def test_latent_noise_reaches_the_decoder_at_its_scale():
 
 
 def test_bf16_trains_in_bfloat16_and_keeps_float32_weights():
-    """``bf16`` runs the forward passes under autocast (convolutions in bfloat16); weights, the
-    optimizer and the loss stay float32, so the file and its loaders are unchanged. Deterministic."""
+    """``bf16`` runs the forward passes under autocast (convolutions in bfloat16) but the last one,
+    which writes the pixels; weights, the optimizer and the loss stay float32, so the file and its
+    loaders are unchanged. Deterministic."""
     images = demo_images(16, 7, size=16)
     inputs: list[torch.dtype] = []
+    outputs: list[torch.dtype] = []
 
     def trained(bf16: bool) -> TinyAutoencoder:
         torch.manual_seed(0)
         model = TinyAutoencoder(4, width=4)
-        hook = model.taesd_decoder[-1].register_forward_hook(lambda m, i, out: inputs.append(out.dtype))
+        hook = model.taesd_decoder[-2].register_forward_hook(lambda m, i, out: inputs.append(out.dtype))
+        pixels = model.taesd_decoder[-1].register_forward_hook(lambda m, i, out: outputs.append(out.dtype))
         train_vae(images, steps=3, seed=0, batch_size=4, model=model, bf16=bf16)
         hook.remove()
+        pixels.remove()
         return model
 
     plain, half, again = trained(False), trained(True), trained(True)
     assert inputs[:3] == [torch.float32] * 3 and inputs[3:] == [torch.bfloat16] * 6
+    assert outputs == [torch.float32] * 9
     assert all(p.dtype == torch.float32 for p in half.parameters())
     assert all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), again.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), plain.state_dict().values()))
     decoder = copy.deepcopy(half.taesd_decoder.state_dict())
     inputs.clear()
-    half.taesd_decoder[-1].register_forward_hook(lambda m, i, out: inputs.append(out.dtype))
+    half.taesd_decoder[-2].register_forward_hook(lambda m, i, out: inputs.append(out.dtype))
     finetune_decoder(half, images, steps=2, seed=1, batch_size=4, bf16=True)
     assert inputs == [torch.bfloat16] * 2
     assert any(not torch.equal(v, half.taesd_decoder.state_dict()[k]) for k, v in decoder.items())

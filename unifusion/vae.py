@@ -451,7 +451,10 @@ def _fit(model: TinyAutoencoder, images: torch.Tensor, steps: int, gen: torch.Ge
             if latent_noise:
                 noise = torch.randn(latent.shape, generator=gen).to(latent)
                 latent = latent + latent_noise * latent.detach().std() * noise
-            out = model.taesd_decoder(latent).float()  # (B, 3, H, W), unclamped
+            hidden = model.taesd_decoder[:-1](latent)
+        # The last convolution writes the pixels in float32: in bfloat16 (8 bits of mantissa) they would
+        # round to steps of 1/256 near 1, coarser than the errors the decoder learns to remove.
+        out = model.taesd_decoder[-1](hidden.float())  # (B, 3, H, W), unclamped
         err = out - x
         if foreground_weight:
             weight = foreground_weights(x, foreground_weight, foreground_margin)
