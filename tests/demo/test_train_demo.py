@@ -161,6 +161,13 @@ def test_decoder_cycles_must_be_positive_step_counts(steps):
         replace(DemoRecipe(), decoder_steps=steps)
 
 
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_t2i_steps_beside_the_worker_must_be_a_step_count(steps):
+    with pytest.raises(ValueError, match="t2i_steps_beside_worker"):
+        replace(DemoRecipe(), t2i_steps_beside_worker=steps)
+    assert replace(DemoRecipe(), t2i_steps_beside_worker=0).t2i_steps_beside_worker == 0
+
+
 @pytest.mark.parametrize("change, named", [({"edit_steps": ()}, "edit_steps"), ({"edit_repeat": (1, 0)}, "edit_repeat"),
                                            ({"edit_batch_size": (32, 8.0)}, "edit_batch_size"),
                                            ({"edit_lr": (2e-4, 0.0)}, "edit_lr"),
@@ -257,24 +264,34 @@ def test_shipped_files_are_those_the_recorded_run_wrote():
     assert file_digests(ASSETS_DIR) == report["files"]
 
 
-def test_t2i_waits_for_the_decoder_and_trains_on_every_thread(quick_run, tmp_path, monkeypatch):
-    """t2i takes every thread once the decoder's worker is done, whether the decoder ran or is
-    reused: bf16 kernels write other tensors on other thread counts, so a re-run must give t2i the
-    threads it had."""
+def test_t2i_takes_every_thread_after_its_steps_beside_the_worker(quick_run, tmp_path, monkeypatch):
+    """t2i's first `t2i_steps_beside_worker` steps run on this process's share beside the decoder's
+    worker, the rest on every thread, whether the decoder runs or is reused: bf16 kernels write other
+    tensors on other thread counts, so a re-run must give each step the threads it had."""
     import shutil
 
     from unifusion.demo import train_demo
+    from unifusion.demo.recipe import quick_recipe
 
     out, work = quick_run
     shutil.copytree(out, tmp_path / "out")
     shutil.copytree(work, tmp_path / "work")
     (tmp_path / "work" / "t2i.safetensors").unlink()  # t2i (and the edit after it) run again, the decoder is reused
     seen, original = [], train_demo.stage_t2i
-    monkeypatch.setattr(train_demo, "stage_t2i", lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
-    threads = torch.get_num_threads()  # as in quick_run, after its decoder had run in the worker
+
+    def recorded(*args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        record = lambda info: seen.append(torch.get_num_threads())  # noqa: E731
+        return original(*args, callbacks=[*callbacks, record], **kwargs)
+
+    monkeypatch.setattr(train_demo, "stage_t2i", recorded)
+    threads = torch.get_num_threads()
     assert main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--seed", "3",
                  "--no-eval", "--jobs", "2"]) == 0
-    assert seen == [threads] and torch.get_num_threads() == threads
+    recipe = quick_recipe(3)
+    beside = recipe.t2i_steps_beside_worker
+    assert 0 < beside < recipe.t2i_steps
+    assert seen == [max(1, threads - threads // 2)] * (beside - 1) + [threads] * (recipe.t2i_steps - beside + 1)
+    assert torch.get_num_threads() == threads
     assert file_digests(tmp_path / "out") == file_digests(out)
 
 

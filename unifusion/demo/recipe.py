@@ -35,11 +35,6 @@ class DemoRecipe:
     # (a colour swap by 26.3 instead of 26.7), and the vae stage's decoder read back 61% of the shapes of
     # 200 held-out scenes instead of 64%.
     vae_latent_noise: float = 0.0
-    # Both autoencoder stages (vae and decoder) run their forward passes under bfloat16 autocast (float32 weights,
-    # `unifusion.vae.train_vae`'s ``bf16``). On a CPU with AVX512-BF16 and AMX a decoder step on one thread took
-    # 0.12 s against 0.31 s in float32 (one-off, 60 steps each, twice), so the decoder's worker is done before
-    # t2i starts and t2i gets every thread (docs/demo_experiments.md, "Autoencoder stages in bf16").
-    vae_bf16: bool = True
     # Then the decoder alone with every Block, beside the DiT stages, in cycles: each restarts the cosine
     # schedule from the weights the one before left (`stages.decoder_cycle`). One cycle of 3,000 steps turned
     # small diamonds into circles (1 of 47 read back) and read back 83% of the shapes of 200 held-out scenes,
@@ -50,6 +45,12 @@ class DemoRecipe:
     # 91 -> 95% (81 -> 88%). Each cycle adds about 14 minutes to the decoder's worker beside t2i.
     decoder_steps: tuple[int, ...] = (4500, 3000, 3000)
     decoder_lr: float = 5e-4
+    # The decoder finetune's forward passes under bfloat16 autocast, its last convolution in float32
+    # (`unifusion.vae.finetune_decoder`'s ``bf16``). On a CPU with AVX512-BF16 and AMX a step on one thread took
+    # 0.13 s against 0.31 s in float32 (one-off, 60 steps each, twice), so the worker is done with the decoder
+    # about when t2i has taken its first steps, and t2i then gets every thread (t2i_steps_beside_worker). The
+    # vae stage stays in float32: from scratch under bf16 it stalled (docs/demo_experiments.md).
+    decoder_bf16: bool = True
     t2i_samples: int = 6000
     # 8,000 (2026-12-05, second edit cycle at lr 8e-4 from the shipped first-cycle checkpoint): 43% (edit_repeat 1) and
     # 47% (3) of 96 held-out edits exactly against 41%, and 49% (7, 9 in 10 samples an edit) against 46%, within
@@ -109,6 +110,11 @@ class DemoRecipe:
     # (56%) -> 90/66/97/100/100% (56%), held-out colour/shape pairs exact 46% -> 54%, one-tile reconstruction
     # 25% -> 42% exact (31.7 -> 32.8 dB); edits 15% both (identity 48% -> 45%).
     t2i_steps: int = 7200
+    # With --jobs 2, t2i's first steps run on this process's share of the threads while the decoder's worker
+    # finishes beside it; then t2i waits for the worker and takes every thread. A fixed step, not the moment the
+    # worker ends, since kernels write other tensors on other thread counts. 1,000 steps on one thread take about
+    # 7.5 minutes: the cache ends about minute 27.5, the decoder (vae 12 + decoder 22 minutes) about minute 35.
+    t2i_steps_beside_worker: int = 1000
     t2i_lr: float = 2e-3
     # LR of LAP + refiner relative to t2i_lr, text-to-image stage only. At full LR the LAP blocks
     # learn to squeeze out what the DiT does not use yet (a swapped shape word changed the
@@ -217,6 +223,9 @@ class DemoRecipe:
         for name in ("decoder_steps", "edit_steps", "edit_repeat", "edit_batch_size"):
             per_cycle_values(name, (int,), "integers")
         per_cycle_values("edit_lr", (int, float), "learning rates")
+        if isinstance(self.t2i_steps_beside_worker, bool) or not isinstance(self.t2i_steps_beside_worker, int) \
+                or self.t2i_steps_beside_worker < 0:
+            raise ValueError(f"t2i_steps_beside_worker must be an integer >= 0, got {self.t2i_steps_beside_worker!r}")
         per_cycle = {name: getattr(self, name) for name in ("edit_steps", "edit_repeat", "edit_batch_size", "edit_lr")}
         if len({len(values) for values in per_cycle.values()}) > 1:
             raise ValueError(", ".join(f"{name} {values!r}" for name, values in per_cycle.items())
@@ -233,7 +242,7 @@ def quick_recipe(seed: int = 0) -> DemoRecipe:
                       vae_crop=16, decoder_steps=(2, 1), t2i_samples=12, edit_samples=6, verifi_max_new_tokens=8, cache_batch_size=8,
                       dit_width=32, dit_depth=1, dit_heads=2, time_embed_dim=32, lap_heads=2, refiner_blocks=1,
                       batch_size=4, t2i_steps=4, edit_steps=(2, 1), edit_batch_size=(4, 3), edit_lr=(2e-4, 3e-4),
-                      warmup_steps=1, eval_count=1, ablation_steps=2,
+                      warmup_steps=1, eval_count=1, ablation_steps=2, t2i_steps_beside_worker=2,
                       vlm_layers=(0, 2))
 
 

@@ -76,7 +76,7 @@ def stage_vae(recipe: DemoRecipe, path: Path, threads: Optional[int] = None) -> 
                       lr=recipe.vae_lr, latent_channels=recipe.vae_latent_channels, crop=recipe.vae_crop,
                       foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
                       identity_blocks=LIGHT_IDENTITY_BLOCKS if recipe.vae_light else (),
-                      latent_noise=recipe.vae_latent_noise, bf16=recipe.vae_bf16)
+                      latent_noise=recipe.vae_latent_noise)
     save_vae(model, path, metadata={"source": "unifusion train-demo"})
     vae = load_vae(path)
     metrics = evaluate_vae(vae, max(8, recipe.eval_count * 4))
@@ -121,7 +121,7 @@ def decoder_cycle(recipe: DemoRecipe, model: Any, cycle: int, images: torch.Tens
     return finetune_decoder(model, images, recipe.decoder_steps[cycle], seed=recipe.seed + 1 + cycle,
                             batch_size=recipe.vae_batch_size, lr=recipe.decoder_lr, crop=recipe.vae_crop,
                             foreground_weight=recipe.vae_foreground_weight, edge_weight=recipe.vae_edge_weight,
-                            bf16=recipe.vae_bf16)
+                            bf16=recipe.decoder_bf16)
 
 
 def demo_records(recipe: DemoRecipe) -> list[Any]:
@@ -184,9 +184,10 @@ def _recipe_config(recipe: DemoRecipe, stage: str, steps: Optional[int] = None, 
 
 
 def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", pooling: str = "attention",
-              steps: Optional[int] = None, **overrides: Any) -> Path:
+              steps: Optional[int] = None, callbacks: Sequence[Any] = (), **overrides: Any) -> Path:
     """Text-to-image training into ``work/<name>.safetensors``; the ablations use ``pooling``
-    (LAP or a baseline), ``steps`` and trainer ``overrides`` (e.g. ``verifi_prob=0``)."""
+    (LAP or a baseline), ``steps`` and trainer ``overrides`` (e.g. ``verifi_prob=0``). ``callbacks``
+    get the trainer's `StepInfo` after every step."""
     from ..train.export import export_release
     from ..train.run import model_config_for_cache, train
 
@@ -194,7 +195,7 @@ def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", poo
                                     refiner_blocks=recipe.refiner_blocks, extra={"demo": "unifusion train-demo"})
     config = replace(config, lap=replace(config.lap, pooling=pooling))
     result = train(cache.folder, work / name, config, _recipe_config(recipe, "t2i", steps, **overrides), resume=None,
-                   callbacks=[_step_logger(name, 100)], progress=False)
+                   callbacks=[_step_logger(name, 100), *callbacks], progress=False)
     return export_release(result.state_dir, work / f"{name}.safetensors")
 
 

@@ -125,17 +125,17 @@ def library_versions() -> dict[str, str]:
 STAGE_PARAMS = {
     "vlm": ("seed", "vlm", "vlm_eval_count"),
     "vae": ("seed", "vae_images", "vae_steps", "vae_batch_size", "vae_crop", "vae_lr", "vae_latent_channels",
-            "vae_foreground_weight", "vae_edge_weight", "vae_light", "vae_latent_noise", "vae_bf16"),
+            "vae_foreground_weight", "vae_edge_weight", "vae_light", "vae_latent_noise"),
     "cache": ("seed", "t2i_samples", "edit_samples", "verifi_max_new_tokens", "verifi_true_rewrites",
               "cache_batch_size", "vlm_layers"),
     "t2i": ("seed", "dit_width", "dit_depth", "dit_heads", "time_embed_dim", "lap_heads", "refiner_blocks",
             "dit_rope_theta", "dit_absolute_position", "dit_predict_x0", "dit_image_positions", "batch_size",
             "t2i_steps", "t2i_lr",
             "condition_lr_scale", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
-            "verifi_prob", "loss_whitening", "dit_mixed_precision"),
+            "verifi_prob", "loss_whitening", "dit_mixed_precision", "t2i_steps_beside_worker"),
     "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "edit_batch_size",
              "timestep_logit_mean"),
-    "decoder": ("decoder_steps", "decoder_lr", "vae_bf16"),
+    "decoder": ("decoder_steps", "decoder_lr", "decoder_bf16"),
     "ablation": ("ablation_steps",),
 }
 UPSTREAM = {"vlm": (), "vae": (), "cache": ("vlm", "vae"), "t2i": ("cache",), "edit": ("t2i",), "decoder": ("vae",),
@@ -289,15 +289,27 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
             log.mark("cache")
     if stop_after == "cache":
         return False
-    # Wait for the decoder: t2i and the stages after it take every thread. The worker's core would otherwise
-    # idle for the second half of t2i (the 2026-12-05 build: decoder in float32 from minute 12 to 63, t2i on
-    # one thread from 27 to 83), and t2i trains on one thread count whether or not the decoder is reused.
-    _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads, vae_stage)
+    # t2i's first `t2i_steps_beside_worker` steps run on this share beside the decoder's worker; then it waits for
+    # the decoder and takes every thread for the rest and for the stages after it. Before, the worker's core idled
+    # for the last 20 minutes of t2i (the 2026-12-05 build: the decoder in float32 from minute 12 to 63, t2i on
+    # one thread from 27 to 83). The switch comes at that step whether the decoder runs or was reused.
+    joined: list[bool] = []
+
+    def join_decoder() -> None:
+        if not joined:
+            joined.append(True)
+            _finish_worker_stage(decoder_future, "decoder", recipe, out / DEMO_VAE_PATH, log, timer, threads,
+                                 vae_stage)
+
+    if pool is None or recipe.t2i_steps_beside_worker == 0:
+        join_decoder()
     with timer.stage("t2i"):
         t2i = work / "t2i.safetensors"
         if not log.finished("t2i", t2i):
-            stage_t2i(recipe, cache, work)
+            stage_t2i(recipe, cache, work, callbacks=[
+                lambda info: join_decoder() if info.step == recipe.t2i_steps_beside_worker else None])
             log.mark("t2i")
+    join_decoder()
     if stop_after == "t2i":
         return False
     with timer.stage("edit"):
