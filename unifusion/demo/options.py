@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (fix it for bit-identical re-runs; 1 on a busy machine)")
     p.add_argument("--no-eval", action="store_true", help="skip the benchmark at the end")
     p.add_argument("--jobs", type=int, default=2, choices=[1, 2],
-                   help="2: train the autoencoder in a second process beside the VLM; 1: one after the other")
+                   help="2: train the autoencoder and its decoder in a second process beside the VLM, the cache "
+                        "and t2i's first steps; 1: one after the other")
     p.add_argument("--grid", type=Path, help="also save a grid of real outputs (PNG) here, e.g. docs/demo_grid.png")
     p.add_argument("--eval-only", action="store_true",
                    help="train nothing: score the files already in --out (and draw --grid)")
@@ -28,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="redo every stage even when --work holds finished ones with the same settings")
     p.add_argument("--ablations", action="store_true",
                    help="also train the benchmark's ablation variants (LAP vs last layer vs mean, Verifi off) "
-                        "into WORK/ablations, at --ablation-steps each (with --jobs 2 in the second process, beside t2i); "
-                        "needs --work to keep them")
+                        "into WORK/ablations, at --ablation-steps each, after the model files; needs --work to keep them")
     for name, kind in (("ablation-steps", int), ("vlm-steps", int), ("vae-steps", int), ("t2i-steps", int),
                        ("t2i-samples", int), ("edit-samples", int), ("eval-count", int)):
         p.add_argument(f"--{name}", type=kind, help="override the recipe's value")

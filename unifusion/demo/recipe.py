@@ -1,6 +1,7 @@
 """The demo recipe: sizes and step counts of every `train-demo` stage.
 
-The defaults train the shipped model (about 87 minutes on 2 CPU cores with `--jobs 2`, 97 with `--ablations`);
+The defaults train the shipped model (88 minutes to the model files on 2 CPU cores with `--jobs 2`, 98.5 with
+`--ablations` and the benchmark);
 `quick_recipe` runs every stage in minutes without learning anything, for tests.
 """
 
@@ -42,7 +43,7 @@ class DemoRecipe:
     # Cycles 2 and 3 (2026-12-04, from the shipped 4,500-step decoder): small diamonds of 400 held-out scenes read
     # back 33 -> 61 -> 83 of 103; 192 scenes: shapes 91.7 -> 95.2 -> 97.4%, exact 84 -> 90 -> 94%, 37.7 -> 39.9 ->
     # 41.5 dB. The shipped DiT through it, 48 held-out prompts: plain shape 89 -> 97% (exact 62 -> 69%), Verifi
-    # 91 -> 95% (81 -> 88%). Each cycle adds about 14 minutes to the decoder's worker beside t2i.
+    # 91 -> 95% (81 -> 88%). A 3,000-step cycle takes the worker about 14 minutes in float32, 6.4 in bf16.
     decoder_steps: tuple[int, ...] = (4500, 3000, 3000)
     decoder_lr: float = 5e-4
     # The decoder finetune's forward passes under bfloat16 autocast, its last convolution in float32

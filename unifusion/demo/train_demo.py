@@ -9,14 +9,17 @@ Stages (`stages`), each logged with its wall and CPU time:
    Verifi features (training system prompt), reconstruction features, VAE latents
    (`unifusion.train.build_cache`);
 4. ``t2i``   DiT + LAP text to image with condition dropout, ~3% reconstruction batches and
-   Verifi features (`unifusion.train.train`), exported with its EMA weights;
+   Verifi features (`unifusion.train.train`), exported with its EMA weights; with ``--jobs 2``
+   its first ``t2i_steps_beside_worker`` steps run on one share of the threads beside the
+   worker, the rest on every thread;
 5. ``edit``  finetune on the single-reference edits, mixed with the text-to-image samples
    (``edit_mix_t2i``), in cycles that each restart the schedule; the last is exported as the
    release checkpoint (``extra["sampling_shift"]`` set by the exporter);
-6. ``decoder`` the autoencoder's decoder finetuned in cycles from the ``vae`` stage's file
-   (encoder frozen), in the worker right after the vae stage, beside the VLM, cache and t2i;
+6. ``decoder`` the autoencoder's decoder finetuned in cycles (bf16 autocast) from the ``vae``
+   stage's file (encoder frozen), in the worker right after the vae stage, beside the VLM, the
+   cache and t2i's first steps;
 7. ``ablations`` (``--ablations``) the benchmark's text-to-image variants at an equal budget,
-   from the cache alone: with ``--jobs 2`` the decoder's worker trains them beside t2i;
+   from the cache alone, after the model files;
 8. ``eval``  the demo benchmark through `UniFusionPipeline` (optional).
 
 ``--out`` receives the three shipped files (VLM folder, checkpoint, autoencoder) and
