@@ -368,3 +368,24 @@ def test_ablations_train_after_the_edit_on_every_thread_and_only_those_missing(q
     assert train_demo.content_digest(lap) == train_demo.content_digest(work / "ablations" / "lap.safetensors")
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert {f"ablation:{name}" for name in train_demo.ABLATION_VARIANTS} <= set(stages)
+
+
+def test_a_failing_decoder_stops_t2i_at_its_switch_step(quick_run, tmp_path):
+    """The worker's error comes out where t2i joins the worker (its `t2i_steps_beside_worker`-th step),
+    with neither the decoder nor t2i written or marked finished, so a re-run redoes both."""
+    import shutil
+
+    from unifusion.demo.recipe import quick_recipe
+    from unifusion.demo.train_demo import stage_fingerprints, train_demo
+
+    out, work = quick_run
+    shutil.copytree(out, tmp_path / "out")
+    shutil.copytree(work, tmp_path / "work")
+    (tmp_path / "out" / DEMO_VAE_PATH).unlink()
+    (tmp_path / "work" / "t2i.safetensors").unlink()
+    recipe = replace(quick_recipe(3), decoder_lr=-1.0)  # AdamW refuses it in the worker, after the vae stage
+    with pytest.raises(ValueError, match="learning rate"):
+        train_demo(tmp_path / "out", recipe, tmp_path / "work", evaluate=False, jobs=2)
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert stages.get("decoder", {}).get("fingerprint") != stage_fingerprints(recipe)["decoder"]
+    assert not (tmp_path / "out" / DEMO_VAE_PATH).exists() and not (tmp_path / "work" / "t2i.safetensors").exists()
