@@ -47,8 +47,8 @@ class DemoRecipe:
     decoder_steps: tuple[int, ...] = (4500, 3000, 3000)
     decoder_lr: float = 5e-4
     # The decoder finetune's forward passes under bfloat16 autocast, its last convolution in float32
-    # (`unifusion.vae.finetune_decoder`'s ``bf16``). On a CPU with AVX512-BF16 and AMX a step on one thread took
-    # 0.13 s against 0.31 s in float32 (one-off, 60 steps each, twice), so the worker is done with the decoder
+    # (`unifusion.vae.finetune_decoder`'s ``bf16``). On a CPU with AVX512-BF16 and AMX a step on one thread takes
+    # 0.132 s against 0.314 s in float32 (`benchmarks/decoder_precision.py`), so the worker is done with the decoder
     # about when t2i has taken its first steps, and t2i then gets every thread (t2i_steps_beside_worker). The
     # vae stage stays in float32: from scratch under bf16 it stalled (docs/demo_experiments.md).
     decoder_bf16: bool = True

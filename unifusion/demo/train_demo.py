@@ -266,8 +266,8 @@ def _run_stages(out: Path, recipe: DemoRecipe, work: Path, log: StageLog, timer:
         vae_future = _start_worker(pool, "vae", recipe, vae_stage, threads)
     if pool is not None and stop_after in (None, "t2i") and not log.finished("decoder", out / DEMO_VAE_PATH):
         # The decoder needs only the vae stage's file (the encoder, which makes the cached latents, stays
-        # frozen). Queued behind the vae it trains while the VLM and the cache run here, and t2i waits for it
-        # (normally done by then: both autoencoder stages train in bf16) to take every thread.
+        # frozen). Queued behind the vae it trains while the VLM, the cache and t2i's first steps run here
+        # (in bf16 it ends about when t2i reaches `t2i_steps_beside_worker`, which then waits for it).
         decoder_future = _start_worker(pool, "decoder", recipe, out / DEMO_VAE_PATH, threads, vae_stage)
     with timer.stage("vlm"):
         if log.finished("vlm", out / DEMO_VLM / "config.json"):
