@@ -4,7 +4,8 @@ ComfyUI side: a headless server (tests/comfyui/harness.py, started once, start-u
 ``workflows/text_to_image.json`` converted to an API prompt (tests/comfyui/ui_workflow.py): VLM
 encode, LAP Pool, KSampler (euler, simple) with CFG against ConditioningZeroOut, VAE decode,
 SaveImage. Pipeline side: `UniFusionPipeline.generate` with the settings read from that same API
-prompt (text, seed, steps, CFG, size, shift), then the image saved as PNG like SaveImage does.
+prompt (text, seed, steps, CFG, size, shift, guidance interval), then the image saved as PNG like
+SaveImage does.
 
 Both sides load the same files: the bundled demo (``unifusion/demo/assets/``) when present, else a
 tiny random model built like tests/comfyui/tiny_unifusion.py. Models load once per side (a warm-up
@@ -64,6 +65,7 @@ class Settings:
     height: int
     batch: int
     shift: float
+    guidance_max_t: float
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def settings_of(prompt: dict[str, Any]) -> Settings:
     return Settings(text=only(prompt, "UniFusionEncode")["text"], seed=int(sampler["seed"]),
                     steps=int(sampler["steps"]), cfg=float(sampler["cfg"]), width=int(latent["width"]),
                     height=int(latent["height"]), batch=int(latent["batch_size"]),
-                    shift=float(only(prompt, "ModelSamplingAuraFlow")["shift"]))
+                    shift=float(only(prompt, "ModelSamplingAuraFlow")["shift"]),
+                    guidance_max_t=float(only(prompt, "UniFusionGuidanceInterval")["guidance_max_t"]))
 
 
 def run_comfy(server: ComfyServer, prompt: dict[str, Any]) -> Timing:
@@ -137,7 +140,8 @@ def run_comfy(server: ComfyServer, prompt: dict[str, Any]) -> Timing:
 def run_pipeline(pipe: UniFusionPipeline, s: Settings, out_dir: Path, index: int) -> Timing:
     cpu, wall = time.process_time(), time.perf_counter()
     images = pipe.sample(pipe.encode(s.text), s.width, s.height, steps=s.steps, cfg_scale=s.cfg, seed=s.seed,
-                         batch_size=s.batch, shift=s.shift)  # the workflow's ModelSamplingAuraFlow shift
+                         batch_size=s.batch, shift=s.shift,  # the workflow's ModelSamplingAuraFlow shift
+                         guidance_max_t=s.guidance_max_t)  # and its UniFusion Guidance Interval
     for i, image in enumerate(images):
         image.save(out_dir / f"pipeline_{index:03d}_{i}.png", compress_level=4)  # as SaveImage
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -155,10 +159,11 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm lines in this process's output
-    vlm_nodes, model_nodes, encoding = (pack_module(f"nodes.{m}") for m in ("vlm", "model", "encoding"))
+    vlm_nodes, model_nodes, encoding, guidance = (pack_module(f"nodes.{m}")
+                                                  for m in ("vlm", "model", "encoding", "guidance"))
     vlm = vlm_nodes.load_vlm_patcher(files["unifusion_vlm"], "default", "paper")
     model = model_nodes.load_model_patcher(files["diffusion_models"], vae_path=files["vae"])
-    model = ModelSamplingAuraFlow().patch_aura(model, s.shift)[0]
+    model = guidance.limit_guidance(ModelSamplingAuraFlow().patch_aura(model, s.shift)[0], s.guidance_max_t)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"])))
     latent = comfy_nodes.EmptyLatentImage().generate(s.width, s.height, s.batch)[0]
 
@@ -178,7 +183,8 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
         "encode + LAP": (comfy_encode, lambda: pipe.encode(s.text)),
         "sample + decode": (comfy_sample_decode, lambda: pipe.sample(condition, s.width, s.height, steps=s.steps,
                                                                      cfg_scale=s.cfg, seed=s.seed, batch_size=s.batch,
-                                                                     shift=s.shift)),
+                                                                     shift=s.shift,
+                                                                     guidance_max_t=s.guidance_max_t)),
     }
     rows = []
     with torch.inference_mode():

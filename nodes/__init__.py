@@ -16,6 +16,7 @@ if importlib.util.find_spec("comfy_api") is not None:
     from . import paths
     from .condition import UniFusionLAPPool, UniFusionTextEncode
     from .encode import UniFusionEncode, UniFusionReference, UniFusionVerifiRewrite
+    from .guidance import UniFusionGuidanceInterval
     from .loaders import UniFusionModelLoader, UniFusionVLMLoader
 
     paths.register()
@@ -27,4 +28,5 @@ if importlib.util.find_spec("comfy_api") is not None:
         UniFusionVerifiRewrite,
         UniFusionLAPPool,
         UniFusionTextEncode,
+        UniFusionGuidanceInterval,
     ]

@@ -18,6 +18,15 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# Classifier-free guidance applies only at noise levels t <= this; above it the conditional velocity alone
+# steers. There, where the layout is decided, guidance pushes what a prompt leaves open into every place at once:
+# the demo model drew prompts that name no place with too many shapes. Chosen on 192 validation prompts (20 Euler
+# steps, CFG 4, shift 1.6): count 79% guided every step, 84 / 85 / 84 / 83% at 0.9 / 0.8 / 0.7 / 0.6; the 61
+# placeless ones 36% -> 57% at 0.8, colour 97% -> 96%. The idea of "guidance in a limited interval"
+# (Kynkaanniemi et al., 2024). 1.0 guides every step. It lives here, not in flow.py, so that the CLI reads it
+# without importing torch.
+DEFAULT_GUIDANCE_MAX_T = 0.8
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
