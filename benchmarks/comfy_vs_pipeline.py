@@ -65,7 +65,7 @@ class Settings:
     height: int
     batch: int
     shift: float
-    guidance_max_t: float
+    guidance: tuple[float, float]  # UniFusion Guidance Interval's (guidance_min_t, guidance_max_t)
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,12 @@ def with_run(prompt: dict[str, Any], text: str, seed: int, steps: Optional[int] 
     return prompt
 
 
+def guidance_interval_of(prompt: dict[str, Any]) -> tuple[float, float]:
+    """The (guidance_min_t, guidance_max_t) of the prompt's UniFusion Guidance Interval node."""
+    node = only(prompt, "UniFusionGuidanceInterval")
+    return float(node["guidance_min_t"]), float(node["guidance_max_t"])
+
+
 def settings_of(prompt: dict[str, Any]) -> Settings:
     """Read the run's settings from the API prompt, so the pipeline does exactly what ComfyUI does."""
     sampler, latent = only(prompt, "KSampler"), only(prompt, "EmptyLatentImage")
@@ -123,7 +129,7 @@ def settings_of(prompt: dict[str, Any]) -> Settings:
                     steps=int(sampler["steps"]), cfg=float(sampler["cfg"]), width=int(latent["width"]),
                     height=int(latent["height"]), batch=int(latent["batch_size"]),
                     shift=float(only(prompt, "ModelSamplingAuraFlow")["shift"]),
-                    guidance_max_t=float(only(prompt, "UniFusionGuidanceInterval")["guidance_max_t"]))
+                    guidance=guidance_interval_of(prompt))
 
 
 def run_comfy(server: ComfyServer, prompt: dict[str, Any]) -> Timing:
@@ -141,7 +147,7 @@ def run_pipeline(pipe: UniFusionPipeline, s: Settings, out_dir: Path, index: int
     cpu, wall = time.process_time(), time.perf_counter()
     images = pipe.sample(pipe.encode(s.text), s.width, s.height, steps=s.steps, cfg_scale=s.cfg, seed=s.seed,
                          batch_size=s.batch, shift=s.shift,  # the workflow's ModelSamplingAuraFlow shift
-                         guidance_max_t=s.guidance_max_t)  # and its UniFusion Guidance Interval
+                         guidance_min_t=s.guidance[0], guidance_max_t=s.guidance[1])  # and its Guidance Interval
     for i, image in enumerate(images):
         image.save(out_dir / f"pipeline_{index:03d}_{i}.png", compress_level=4)  # as SaveImage
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -163,7 +169,7 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
                                                   for m in ("vlm", "model", "encoding", "guidance"))
     vlm = vlm_nodes.load_vlm_patcher(files["unifusion_vlm"], "default", "paper")
     model = model_nodes.load_model_patcher(files["diffusion_models"], vae_path=files["vae"])
-    model = guidance.limit_guidance(ModelSamplingAuraFlow().patch_aura(model, s.shift)[0], s.guidance_max_t)
+    model = guidance.limit_guidance(ModelSamplingAuraFlow().patch_aura(model, s.shift)[0], *s.guidance)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"])))
     latent = comfy_nodes.EmptyLatentImage().generate(s.width, s.height, s.batch)[0]
 
@@ -184,7 +190,8 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
         "sample + decode": (comfy_sample_decode, lambda: pipe.sample(condition, s.width, s.height, steps=s.steps,
                                                                      cfg_scale=s.cfg, seed=s.seed, batch_size=s.batch,
                                                                      shift=s.shift,
-                                                                     guidance_max_t=s.guidance_max_t)),
+                                                                     guidance_min_t=s.guidance[0],
+                                                                     guidance_max_t=s.guidance[1])),
     }
     rows = []
     with torch.inference_mode():

@@ -9,7 +9,7 @@ from unifusion.errors import InputError
 from unifusion.flow import (
     add_noise,
     cfg_combine,
-    check_guidance_max_t,
+    check_guidance_interval,
     euler_sample,
     flow_matching_loss,
     guided_at,
@@ -158,7 +158,7 @@ def test_euler_cfg_batches_when_shapes_match_and_splits_otherwise():
     assert calls == [2, 2]  # scale 1 skips the unconditional pass
 
 
-def test_guidance_applies_only_up_to_guidance_max_t():
+def test_guidance_applies_only_inside_its_interval():
     noise = torch.randn(2, 3)
     sched = sampling_schedule(4)  # steps start at t = 1, 0.75, 0.5, 0.25
     seen = []
@@ -169,23 +169,26 @@ def test_guidance_applies_only_up_to_guidance_max_t():
 
     cond, uncond = torch.ones(2, 4, 3), torch.zeros(2, 4, 3)
     out = euler_sample(field, noise, sched, cfg_scale=3.0, uncond_kwargs={"context": uncond}, context=cond,
-                       guidance_max_t=0.6)
-    # above 0.6 one conditional call per step (v = 1); from 0.5 down one batched guided call (v = 3)
-    assert seen == [(1.0, 2), (0.75, 2), (0.5, 4), (0.25, 4)]
+                       guidance_min_t=0.4, guidance_max_t=0.8)
+    # outside [0.4, 0.8] one conditional call per step (v = 1); inside one batched guided call (v = 3)
+    assert seen == [(1.0, 2), (0.75, 4), (0.5, 4), (0.25, 2)]
     torch.testing.assert_close(out, noise - 0.5 * 1.0 - 0.5 * 3.0)
 
     seen.clear()
     every = euler_sample(field, noise, sched, cfg_scale=3.0, uncond_kwargs={"context": uncond}, context=cond,
-                         guidance_max_t=1.0)
-    assert [n for _, n in seen] == [4, 4, 4, 4]  # 1.0 guides every step, t = 1 included
+                         guidance_min_t=0.0, guidance_max_t=1.0)
+    assert [n for _, n in seen] == [4, 4, 4, 4]  # (0, 1) guides every step, t = 1 included
     torch.testing.assert_close(every, noise - 3.0)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan")])
-def test_guidance_max_t_outside_its_range_is_refused(bad):
-    with pytest.raises(InputError, match=r"guidance_max_t must be in \(0, 1\]"):
-        euler_sample(lambda x, t: x, torch.zeros(1, 2), sampling_schedule(2), guidance_max_t=bad)
-    assert check_guidance_max_t(0.8) == 0.8 and guided_at(1.0, 1.0) and not guided_at(0.83, 0.8)
+@pytest.mark.parametrize("bad", [(0.0, 0.0), (-0.1, 0.8), (0.5, 1.5), (0.9, 0.8), (0.5, float("nan"))])
+def test_guidance_interval_outside_its_range_is_refused(bad):
+    with pytest.raises(InputError, match=r"guidance interval needs 0 <= guidance_min_t <= guidance_max_t <= 1"):
+        euler_sample(lambda x, t: x, torch.zeros(1, 2), sampling_schedule(2), guidance_min_t=bad[0],
+                     guidance_max_t=bad[1])
+    assert check_guidance_interval(0.5, 0.8) == (0.5, 0.8)
+    assert guided_at(1.0, 0.0, 1.0) and guided_at(0.5, 0.5, 0.8) and not guided_at(0.83, 0.5, 0.8)
+    assert not guided_at(0.44, 0.5, 0.8)
 
 
 def test_seeded_noise():

@@ -82,10 +82,13 @@ def test_prompt_changes_the_image(pipe):
 def test_guidance_is_limited_to_lower_noise_by_default(pipe):
     cond = pipe.encode("a red circle")
     default = _arr(pipe.sample(cond, 64, 64, steps=4, seed=3)[0])
-    assert np.array_equal(default, _arr(pipe.sample(cond, 64, 64, steps=4, seed=3, guidance_max_t=0.8)[0]))
-    assert not np.array_equal(default, _arr(pipe.sample(cond, 64, 64, steps=4, seed=3, guidance_max_t=1.0)[0]))
+    same = pipe.sample(cond, 64, 64, steps=4, seed=3, guidance_min_t=0.5, guidance_max_t=0.8)[0]
+    assert np.array_equal(default, _arr(same))
+    every = pipe.sample(cond, 64, 64, steps=4, seed=3, guidance_min_t=0.0, guidance_max_t=1.0)[0]
+    assert not np.array_equal(default, _arr(every))
     # without CFG the interval changes nothing
-    plain = [_arr(pipe.sample(cond, 64, 64, steps=4, seed=3, cfg_scale=1.0, guidance_max_t=m)[0]) for m in (0.5, 1.0)]
+    plain = [_arr(pipe.sample(cond, 64, 64, steps=4, seed=3, cfg_scale=1.0, guidance_min_t=lo, guidance_max_t=hi)[0])
+             for lo, hi in ((0.2, 0.5), (0.0, 1.0))]
     assert np.array_equal(*plain)
 
 
@@ -129,7 +132,7 @@ def test_cli_generate_and_edit_write_pngs(files, tmp_path, capsys):
     assert cli_main(["generate", "x", "--width", "63", "-o", str(tmp_path / "bad.png"), *common]) == 2
     assert "not a multiple" in capsys.readouterr().err
     assert cli_main(["generate", "x", "--guidance-max-t", "1.5", "-o", str(tmp_path / "bad.png"), *common]) == 2
-    assert "guidance_max_t must be in (0, 1]" in capsys.readouterr().err
+    assert "guidance interval needs 0 <= guidance_min_t" in capsys.readouterr().err
     assert cli_main(["info", str(files["checkpoint"])]) == 0
     assert "InternVLForConditionalGeneration" in capsys.readouterr().out
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import DEFAULT_GUIDANCE_MAX_T
+from .config import DEFAULT_GUIDANCE_MAX_T, DEFAULT_GUIDANCE_MIN_T
 from .errors import UniFusionError
 
 log = logging.getLogger("unifusion")
@@ -53,9 +53,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-min-t", type=float, default=DEFAULT_GUIDANCE_MIN_T,
+                   help="guide only at noise levels t from this (0 and --guidance-max-t 1: every step)")
     p.add_argument("--guidance-max-t", type=float, default=DEFAULT_GUIDANCE_MAX_T,
-                   help="guide only at noise levels t up to this (1 = every step); above it the prompt alone "
-                        "steers, so places a prompt leaves open get one shape, not several")
+                   help="... up to this; above it the prompt alone steers, so places a prompt leaves open get one "
+                        "shape, not several")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--verifi", action="store_true", help="let the VLM rewrite the prompt first (Verifi)")
@@ -114,7 +116,7 @@ def _run_sampling(args: argparse.Namespace, images: Sequence[Path]) -> list[Path
         sys.stderr.write(f"rewritten prompt: {condition.rewritten}\n")
     out_images = pipe.sample(condition, args.width, args.height, steps=args.steps, cfg_scale=args.cfg,
                              seed=args.seed, batch_size=args.batch_size, progress=_progress_printer("sample"),
-                             guidance_max_t=args.guidance_max_t)
+                             guidance_min_t=args.guidance_min_t, guidance_max_t=args.guidance_max_t)
     paths = []
     for i, image in enumerate(out_images):
         path = args.out if len(out_images) == 1 else args.out.with_name(f"{args.out.stem}_{i:03d}{args.out.suffix}")

@@ -26,17 +26,18 @@ StepCallback = Callable[[int, int, Tensor], None]
 TimeLike = Union[Tensor, float]
 
 
-def check_guidance_max_t(guidance_max_t: float) -> float:
-    """``guidance_max_t`` as a float in (0, 1], or an InputError naming the range."""
-    value = float(guidance_max_t)
-    if not 0.0 < value <= 1.0:
-        raise InputError(f"guidance_max_t must be in (0, 1] (1 guides every step); got {guidance_max_t}")
-    return value
+def check_guidance_interval(min_t: float, max_t: float) -> tuple[float, float]:
+    """The guidance interval as floats with 0 <= min_t <= max_t <= 1 and max_t > 0, or an InputError naming it."""
+    lo, hi = float(min_t), float(max_t)
+    if not (0.0 <= lo <= hi <= 1.0 and hi > 0.0):
+        raise InputError(f"the guidance interval needs 0 <= guidance_min_t <= guidance_max_t <= 1 and "
+                         f"guidance_max_t > 0 ((0, 1) guides every step); got {min_t} and {max_t}")
+    return lo, hi
 
 
-def guided_at(t: float, guidance_max_t: float) -> bool:
+def guided_at(t: float, min_t: float, max_t: float) -> bool:
     """Whether a step starting at noise level ``t`` applies classifier-free guidance."""
-    return t <= guidance_max_t + 1e-6  # the tolerance keeps t = 1.0 guided at guidance_max_t = 1.0 in float32
+    return min_t - 1e-6 <= t <= max_t + 1e-6  # the tolerance keeps t = 1.0 guided at max_t = 1.0 in float32
 
 
 def time_shift(t: TimeLike, shift: float) -> TimeLike:
@@ -137,16 +138,17 @@ def euler_sample(
     cfg_scale: float = 1.0,
     uncond_kwargs: Optional[dict[str, Any]] = None,
     callback: Optional[StepCallback] = None,
+    guidance_min_t: float = 0.0,
     guidance_max_t: float = 1.0,
     **cond_kwargs: Any,
 ) -> Tensor:
     """Integrate dx/dt = v from schedule[0] (noise) to schedule[-1] with Euler steps.
 
     With ``cfg_scale != 1`` and ``uncond_kwargs`` given, cond and uncond run in one batched
-    call when their shapes match, else in two calls, at the steps whose t is at most
-    ``guidance_max_t``; the steps above it take the conditional velocity alone (one call).
+    call when their shapes match, else in two calls, at the steps whose t lies in
+    [``guidance_min_t``, ``guidance_max_t``]; the other steps take the conditional velocity alone (one call).
     """
-    guidance_max_t = check_guidance_max_t(guidance_max_t)
+    interval = check_guidance_interval(guidance_min_t, guidance_max_t)
     times = [float(t) for t in schedule]
     total = len(times) - 1
     guided = cfg_scale != 1.0 and uncond_kwargs is not None
@@ -157,7 +159,7 @@ def euler_sample(
     for i in range(total):
         t_curr, t_next = times[i], times[i + 1]
         t_batch = torch.full((b,), t_curr, dtype=torch.float32, device=noise.device)
-        if not guided or not guided_at(t_curr, guidance_max_t):
+        if not guided or not guided_at(t_curr, *interval):
             v = velocity_fn(x, t_batch, **cond_kwargs)
         elif batched:
             cond_v, uncond_v = velocity_fn(torch.cat([x, x]), torch.cat([t_batch, t_batch]), **both).chunk(2)

@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import check_vlm_identity, load_model
-from .config import DEFAULT_GUIDANCE_MAX_T, UniFusionConfig
+from .config import DEFAULT_GUIDANCE_MAX_T, DEFAULT_GUIDANCE_MIN_T, UniFusionConfig
 from .errors import InputError
 from .flow import euler_sample, sampling_schedule, seeded_noise
 from .model import UniFusionModel
@@ -136,11 +136,12 @@ class UniFusionPipeline:
         batch_size: int = 1,
         shift: Optional[float] = None,
         progress: Optional[Progress] = None,
+        guidance_min_t: float = DEFAULT_GUIDANCE_MIN_T,
         guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T,
     ) -> list[Image.Image]:
         """Sample latents for one condition and decode them. Image ``i`` of a batch uses seed ``seed + i``,
-        so any image of a batch can be reproduced on its own. CFG applies at noise levels up to
-        ``guidance_max_t`` (1.0: every step; see `flow.DEFAULT_GUIDANCE_MAX_T`)."""
+        so any image of a batch can be reproduced on its own. CFG applies at noise levels from
+        ``guidance_min_t`` to ``guidance_max_t`` ((0, 1): every step; see `config.DEFAULT_GUIDANCE_MAX_T`)."""
         factor = int(getattr(self.vae, "downscale", 8))
         check_size(width, height, factor * self.config.dit.patch_size)
         channels = self.config.dit.in_channels
@@ -164,7 +165,8 @@ class UniFusionPipeline:
 
         with torch.no_grad():
             latents = euler_sample(
-                velocity, noise, schedule, cfg_scale=cfg_scale, callback=callback, guidance_max_t=guidance_max_t,
+                velocity, noise, schedule, cfg_scale=cfg_scale, callback=callback,
+                guidance_min_t=guidance_min_t, guidance_max_t=guidance_max_t,
                 uncond_kwargs={"context": UniFusionModel.null_condition(tokens), "context_mask": mask,
                                "context_positions": positions},
                 context=tokens, context_mask=mask, context_positions=positions,
@@ -181,12 +183,14 @@ class UniFusionPipeline:
                  cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 1, verifi: bool = False,
                  system_prompt: Optional[str] = None, max_tiles: int = 6,
                  layer_gains: Optional[Sequence[float]] = None, progress: Optional[Progress] = None,
-                 guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T) -> tuple[list[Image.Image], Condition]:
+                 guidance_min_t: float = DEFAULT_GUIDANCE_MIN_T, guidance_max_t: float = DEFAULT_GUIDANCE_MAX_T,
+                 ) -> tuple[list[Image.Image], Condition]:
         """Text-to-image, or editing when ``images`` are given (any number of references)."""
         condition = self.encode(prompt, images, max_tiles=max_tiles, verifi=verifi, system_prompt=system_prompt,
                                 seed=seed, layer_gains=layer_gains)
         images_out = self.sample(condition, width, height, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                 batch_size=batch_size, progress=progress, guidance_max_t=guidance_max_t)
+                                 batch_size=batch_size, progress=progress,
+                                 guidance_min_t=guidance_min_t, guidance_max_t=guidance_max_t)
         return images_out, condition
 
 

@@ -22,7 +22,8 @@ def api_prompt() -> dict:
     return {
         "1": {"class_type": "UniFusionEncode", "inputs": {"text": "a red circle", "vlm": ["2", 0]}},
         "3": {"class_type": "ModelSamplingAuraFlow", "inputs": {"shift": 3.0, "model": ["4", 0]}},
-        "4": {"class_type": "UniFusionGuidanceInterval", "inputs": {"guidance_max_t": 0.8, "model": ["3", 0]}},
+        "4": {"class_type": "UniFusionGuidanceInterval", "inputs": {"guidance_min_t": 0.5, "guidance_max_t": 0.8,
+                                                                     "model": ["3", 0]}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {"seed": 42, "steps": 20, "cfg": 4.0, "sampler_name": "euler",
                                                    "scheduler": "simple", "denoise": 1.0}},
@@ -31,9 +32,9 @@ def api_prompt() -> dict:
 
 def test_settings_follow_the_api_prompt():
     prompt = api_prompt()
-    assert cvp.settings_of(prompt) == cvp.Settings("a red circle", 42, 20, 4.0, 64, 48, 1, 3.0, 0.8)
+    assert cvp.settings_of(prompt) == cvp.Settings("a red circle", 42, 20, 4.0, 64, 48, 1, 3.0, (0.5, 0.8))
     changed = cvp.with_run(prompt, "a blue square", 7, steps=3, size=(128, 96))
-    assert cvp.settings_of(changed) == cvp.Settings("a blue square", 7, 3, 4.0, 128, 96, 1, 3.0, 0.8)
+    assert cvp.settings_of(changed) == cvp.Settings("a blue square", 7, 3, 4.0, 128, 96, 1, 3.0, (0.5, 0.8))
     assert prompt == api_prompt()  # the template is left as it was
     kept = cvp.with_run(prompt, "x", 1)
     assert (cvp.settings_of(kept).steps, cvp.settings_of(kept).width) == (20, 64)

@@ -159,21 +159,22 @@ def test_gains_change_the_image_and_ones_do_not(server: ComfyServer) -> None:
     assert np.count_nonzero(base != dropped) > 0.1 * base.size
 
 
-def with_guidance_interval(prompt: dict, guidance_max_t: float) -> dict:
+def with_guidance_interval(prompt: dict, guidance_min_t: float, guidance_max_t: float) -> dict:
     """The prompt with UniFusion Guidance Interval between the model loader and KSampler."""
     prompt["guid"] = {"class_type": "UniFusionGuidanceInterval",
-                      "inputs": {"model": ["model", 0], "guidance_max_t": guidance_max_t}}
+                      "inputs": {"model": ["model", 0], "guidance_min_t": guidance_min_t,
+                                 "guidance_max_t": guidance_max_t}}
     prompt["ks"]["inputs"]["model"] = ["guid", 0]
     return prompt
 
 
 def test_guidance_interval_changes_only_the_unguided_steps(server: ComfyServer) -> None:
     base = image_of(server, server.run(graph(seed=3)))
-    every_step = image_of(server, server.run(with_guidance_interval(graph(seed=3), 1.0)))
-    limited = image_of(server, server.run(with_guidance_interval(graph(seed=3), 0.8)))
-    assert np.array_equal(base, every_step)  # 1.0 guides every step, as KSampler alone does
-    assert np.count_nonzero(base != limited) > 0.1 * base.size  # 4 steps at shift 3: the first two unguided
-    plain, plain_limited = graph(seed=3), with_guidance_interval(graph(seed=3), 0.5)
+    every_step = image_of(server, server.run(with_guidance_interval(graph(seed=3), 0.0, 1.0)))
+    limited = image_of(server, server.run(with_guidance_interval(graph(seed=3), 0.5, 0.8)))
+    assert np.array_equal(base, every_step)  # (0, 1) guides every step, as KSampler alone does
+    assert np.count_nonzero(base != limited) > 0.1 * base.size  # 4 steps at t 1, 0.9, 0.75, 0.5: two unguided
+    plain, plain_limited = graph(seed=3), with_guidance_interval(graph(seed=3), 0.2, 0.5)
     for prompt in (plain, plain_limited):
         prompt["ks"]["inputs"]["cfg"] = 1.0
     # without CFG there is nothing to limit
