@@ -11,21 +11,32 @@ from ..unifusion.flow import check_guidance_interval, guided_at
 from .types import CATEGORY
 
 
+WRAPPER_KEY = "unifusion_guidance_interval"
+
+
 def limit_guidance(model: Any, guidance_min_t: float, guidance_max_t: float) -> Any:
-    """A clone of ``model`` whose sampler keeps the CFG result only at noise levels (sigma, which is t for
-    a flow model) in [``guidance_min_t``, ``guidance_max_t``] and the conditional prediction elsewhere. A
-    post-CFG function, so it chains with other guidance nodes instead of replacing them."""
+    """A clone of ``model`` that runs the unconditional prediction only at noise levels (sigma, which is t
+    for a flow model) in [``guidance_min_t``, ``guidance_max_t``]. Elsewhere it skips that forward and hands
+    KSampler the conditional prediction as both, so CFG returns the conditional one, as
+    `unifusion.flow.euler_sample` does (and in the same time). A calc-cond-batch wrapper, so it chains with
+    other sampler patches instead of replacing them."""
+    import comfy.patcher_extension
+
     interval = check_guidance_interval(guidance_min_t, guidance_max_t)
     patched = model.clone()
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
     if interval == (0.0, 1.0):
         return patched  # every step guided: nothing to change
 
-    def conditional_outside_interval(args: dict[str, Any]) -> Any:
-        if args.get("uncond_denoised") is None or guided_at(float(args["sigma"].max()), *interval):
-            return args["denoised"]
-        return args["cond_denoised"]
+    def conditional_outside_interval(executor: Any, model: Any, conds: list, x_in: Any, timestep: Any,
+                                     model_options: dict) -> list:
+        if len(conds) != 2 or conds[1] is None or guided_at(float(timestep.max()), *interval):
+            return executor(model, conds, x_in, timestep, model_options)
+        cond_out = executor(model, [conds[0], None], x_in, timestep, model_options)[0]
+        return [cond_out, cond_out]
 
-    patched.set_model_sampler_post_cfg_function(conditional_outside_interval)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                 conditional_outside_interval)
     return patched
 
 
@@ -49,8 +60,8 @@ class UniFusionGuidanceInterval(io.ComfyNode):
                                        "applies. 0 with guidance_max_t 1: every step, as without this node."),
                 io.Float.Input("guidance_max_t", default=DEFAULT_GUIDANCE_MAX_T, min=0.01, max=1.0, step=0.01,
                                tooltip="Highest noise level at which CFG applies. The defaults 0.5 to 0.8 guide 7 "
-                                       "of 20 steps at shift 1.6 (the demo's), which also saves their "
-                                       "unconditional pass in unifusion generate."),
+                                       "of 20 steps at shift 1.6 (the demo's); the other 13 skip the "
+                                       "unconditional pass."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with limited guidance, for KSampler.")],
         )
