@@ -167,7 +167,8 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
     comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm lines in this process's output
     vlm_nodes, model_nodes, encoding, guidance = (pack_module(f"nodes.{m}")
                                                   for m in ("vlm", "model", "encoding", "guidance"))
-    vlm = vlm_nodes.load_vlm_patcher(files["unifusion_vlm"], "default", "all")  # as the workflow: the demo pools layer 0
+    # 'all', as the workflow captures: the demo checkpoint pools layer 0, which 'paper' leaves out
+    vlm = vlm_nodes.load_vlm_patcher(files["unifusion_vlm"], "default", "all")
     model = model_nodes.load_model_patcher(files["diffusion_models"], vae_path=files["vae"])
     model = guidance.limit_guidance(ModelSamplingAuraFlow().patch_aura(model, s.shift)[0], *s.guidance)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(files["vae"])))

@@ -18,8 +18,8 @@ def limit_guidance(model: Any, guidance_min_t: float, guidance_max_t: float) -> 
     """A clone of ``model`` that runs the unconditional prediction only at noise levels (sigma, which is t
     for a flow model) in [``guidance_min_t``, ``guidance_max_t``]. Elsewhere it skips that forward and hands
     KSampler the conditional prediction as both, so CFG returns the conditional one, as
-    `unifusion.flow.euler_sample` does (and in the same time). A calc-cond-batch wrapper, so it chains with
-    other sampler patches instead of replacing them."""
+    `unifusion.flow.euler_sample` does. A calc-cond-batch wrapper (as ComfyUI's EasyCache), so it chains
+    with other sampler patches instead of replacing them."""
     import comfy.patcher_extension
 
     interval = check_guidance_interval(guidance_min_t, guidance_max_t)

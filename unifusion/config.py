@@ -27,8 +27,8 @@ from typing import Any
 #   every step 79 / 63% and 46 / 79%;  t <= 0.8: 85 / 67% and 45 / 74%;  t >= 0.5: 77 / 66% and 50 / 83%;
 #   0.5-0.8: 84 / 72% and 50 / 79%;  0.3-0.8 and 0.4-0.8: 84 / 72% and 49 / 78%;  0.6-0.8: 84 / 73% and 50 / 78%;
 #   0.4-0.9: 83 / 72% and 52 / 80%;  0.5-0.85: 84 / 72% and 49 / 78%.
-# Only 7 of 20 steps then run the unconditional pass. (0, 1) guides every step. These live here, not in flow.py,
-# so that the CLI reads them without importing torch.
+# Only 7 of 20 steps (at shift 1.6) then run the unconditional pass. (0, 1) guides every step. These live here,
+# not in flow.py, so that the CLI reads them without importing torch.
 DEFAULT_GUIDANCE_MIN_T = 0.5
 DEFAULT_GUIDANCE_MAX_T = 0.8
 

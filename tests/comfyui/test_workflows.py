@@ -204,7 +204,8 @@ def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path
     pipe = pipeline.UniFusionPipeline.from_files(files.vlm, checkpoint, files.vae)
     assert pipe.config.dit.image_positions
     condition = pipe.encode(text, [source], max_tiles=1)
-    every_step = {"cfg_scale": 4.0, "seed": seed, "guidance_min_t": 0.0, "guidance_max_t": 1.0}  # no Guidance Interval in this graph
+    # this graph has no UniFusion Guidance Interval: KSampler guides every step
+    every_step = {"cfg_scale": 4.0, "seed": seed, "guidance_min_t": 0.0, "guidance_max_t": 1.0}
     ours = np.asarray(pipe.sample(condition, IMAGE_SIZE, IMAGE_SIZE, steps=TEST_STEPS, **every_step)[0]
                       .convert("RGB")).astype(np.float64)
     unplaced = np.asarray(pipe.sample(replace(condition, positions=None), IMAGE_SIZE, IMAGE_SIZE, steps=TEST_STEPS,
