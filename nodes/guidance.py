@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..unifusion.config import DEFAULT_GUIDANCE_MAX_T, DEFAULT_GUIDANCE_MIN_T
 from ..unifusion.flow import check_guidance_interval, guided_at
 from .types import CATEGORY
-
 
 WRAPPER_KEY = "unifusion_guidance_interval"
 
@@ -20,8 +20,6 @@ def limit_guidance(model: Any, guidance_min_t: float, guidance_max_t: float) -> 
     KSampler the conditional prediction as both, so CFG returns the conditional one, as
     `unifusion.flow.euler_sample` does. A calc-cond-batch wrapper (as ComfyUI's EasyCache), so it chains
     with other sampler patches instead of replacing them."""
-    import comfy.patcher_extension
-
     interval = check_guidance_interval(guidance_min_t, guidance_max_t)
     patched = model.clone()
     patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)

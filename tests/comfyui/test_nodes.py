@@ -181,6 +181,11 @@ def test_guidance_interval_changes_only_the_unguided_steps(server: ComfyServer) 
     assert np.array_equal(image_of(server, server.run(plain)), image_of(server, server.run(plain_limited)))
 
 
+def test_reversed_guidance_interval_is_explained(server: ComfyServer) -> None:
+    fails_then_recovers(server, with_guidance_interval(graph(seed=4), 0.9, 0.8), "guid",
+                        "guidance interval needs 0 <= guidance_min_t <= guidance_max_t <= 1", "got 0.9 and 0.8")
+
+
 def test_odd_reference_images(server: ComfyServer) -> None:
     """A 1x1 image, an 8x2048 strip and a batch of two become four references."""
     prompt = {
