@@ -1,7 +1,9 @@
 """UniFusionModel: key names, null condition, tiny forward/backward, paper-size parameter count."""
 
 import logging
+import shutil
 
+import pytest
 import torch
 
 from unifusion.config import paper_preset, tiny_preset
@@ -58,6 +60,29 @@ def test_tiny_forward_backward_on_cpu():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model.lap.pool.fc.weight.grad.abs().sum().item() > 0
     assert model.dit.blocks[0].modulation.weight.grad.abs().sum().item() > 0
+
+
+@pytest.mark.skipif(not any(shutil.which(n) for n in ("g++", "clang++", "c++")),
+                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+def test_whole_forward_compiles_as_one_graph_with_padding():
+    """LAP + DiT under torch.compile(fullgraph=True): no branch on mask values splits the graph (a batch
+    with and without padding, and another length, run through the same dynamic graph), and the
+    compiled forward gives eager's values up to kernel rounding. ComfyUI's TorchCompileModel and
+    TrainConfig.compile rely on it."""
+    torch.manual_seed(0)
+    cfg = tiny_preset()
+    model = UniFusionModel(cfg).eval()
+
+    def forward(x, t, feats, mask):
+        return model(x, t, model.encode_condition(feats, mask), mask)
+
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True)
+    x, t = torch.randn(2, cfg.dit.in_channels, 8, 8), torch.rand(2)
+    for s, lengths in ((5, (5, 3)), (5, (5, 5)), (7, (2, 7))):
+        feats = torch.randn(2, s, cfg.lap.num_vlm_layers, cfg.lap.vlm_hidden_size)
+        mask = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t, feats, mask), forward(x, t, feats, mask), rtol=1e-4, atol=1e-5)
 
 
 def test_null_condition_is_zeros_and_differs_from_condition():

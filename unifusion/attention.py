@@ -70,6 +70,13 @@ def masked_bias_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 2
 
 
+def has_padding(mask: Tensor) -> bool:
+    """Whether a (B, N) key mask hides any token, so attention needs a bias. Under ``torch.compile``
+    the answer is True without reading the mask: a branch on its values would split the graph and
+    recompile whenever a batch happens to have no padding, and a zero bias changes nothing."""
+    return torch.compiler.is_compiling() or not bool(mask.all())
+
+
 def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Additive key bias from a key padding mask ``(B, N)`` bool (True = real token).
 

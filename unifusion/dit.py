@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import AttentionFn, FeedForward, SelfAttention, key_padding_bias, rope_frequencies
+from .attention import AttentionFn, FeedForward, SelfAttention, has_padding, key_padding_bias, rope_frequencies
 from .config import DiTConfig
 from .errors import InputError
 
@@ -215,7 +215,7 @@ class UniFusionDiT(nn.Module):
             ids = place_condition_tokens(ids, self._check_positions(context_positions, b, s), h, w)
         freqs = rope_frequencies(ids, self.cfg.rope_axes, self.cfg.rope_theta)  # (B, 1, S+N, hd/2, 2, 2)
         bias = None
-        if context_mask is not None and s > 0 and not bool(context_mask.all()):
+        if context_mask is not None and s > 0 and has_padding(context_mask):
             full = torch.cat([context_mask, context_mask.new_ones(b, h * w)], dim=1)  # (B, S+N)
             bias = key_padding_bias(full, img.dtype)  # (B, 1, 1, S+N)
 

@@ -28,6 +28,7 @@ from .attention import (
     AttentionFn,
     FeedForward,
     SelfAttention,
+    has_padding,
     key_padding_bias,
     masked_bias_value,
     rope_frequencies,
@@ -190,7 +191,7 @@ class ConditionRefiner(nn.Module):
             bias = None
         else:
             pos = (mask.long().cumsum(dim=1) - 1).clamp_min(0)  # index among real tokens
-            bias = None if bool(mask.all()) else key_padding_bias(mask, x.dtype)  # (B, 1, 1, S)
+            bias = key_padding_bias(mask, x.dtype) if has_padding(mask) else None  # (B, 1, 1, S)
         freqs = rope_frequencies(pos[..., None].float(), (self.head_dim,), REFINER_ROPE_THETA)
         for block in self.blocks:
             x = block(x, freqs=freqs, mask=bias)  # (B, S, H)
@@ -226,7 +227,8 @@ class LAPConditioner(nn.Module):
             )
         if s == 0:
             return features.new_zeros(b, 0, self.cfg.out_dim)
-        if bool(mask.all()):
+        if torch.compiler.is_compiling() or bool(mask.all()):
+            # Every token, padding too under torch.compile: packing the real ones has a data-dependent shape.
             pooled = self.pool(features, gains)  # (B, S, H)
         else:
             # Pool only the real tokens: LAP is per token, padding would be wasted work.

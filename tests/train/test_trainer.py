@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from unifusion.train.export import export_release
 from unifusion.train.recipe import TrainConfig
 from unifusion.train.run import model_config_for_cache, train
 from unifusion.train.state import list_states
-from unifusion.train.trainer import Trainer, TrainingModel
+from unifusion.train.trainer import Trainer, TrainingModel, check_compiler
 
 BASE = TrainConfig(steps=4, batch_size=2, grad_accum=2, lr=2e-3, warmup_steps=2, save_every=2, log_every=1,
                    stage="mixed", cond_dropout=0.3, recon_prob=0.3, verifi_prob=0.5, ema_decay=0.9)
@@ -248,3 +249,42 @@ def test_mixed_precision_can_change_between_runs_of_one_process(cache, model_con
     assert losses["no"][0] == losses["no"][1]  # float32 again after bf16: the same run exactly
     assert losses["bf16"][0] != losses["no"][0]  # the forward did run in bf16
     assert losses["bf16"][0] == pytest.approx(losses["no"][0], rel=0.05)
+
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(n) for n in ("g++", "clang++", "c++")),
+                                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+
+
+@needs_compiler
+def test_compiled_training_follows_eager_and_resumes_exactly(cache, model_config, tmp_path: Path) -> None:
+    """TrainConfig.compile trains the same model as eager up to kernel rounding (padded batches of several
+    condition lengths through one dynamic graph), and a compiled run resumes to the same bits."""
+    eager = Trainer(model_config, cache, BASE, tmp_path / "eager", progress=False).train().losses
+    compiled = replace(BASE, compile=True)
+    straight = Trainer(model_config, cache, compiled, tmp_path / "a", progress=False)
+    full = straight.train().losses
+    assert full == pytest.approx(eager, rel=1e-3)
+    Trainer(model_config, cache, replace(compiled, steps=2), tmp_path / "b", progress=False).train()
+    second = Trainer(model_config, cache, compiled, tmp_path / "b", progress=False)
+    second.resume(tmp_path / "b" / "states" / "step-00000002")
+    assert second.train().losses == full[2:]
+    _assert_identical(_snapshot(straight), _snapshot(second))
+    # The compiled forward shares the module's parameters: the state keeps the module's names.
+    assert set(straight.model.state_dict()) == set(Trainer(model_config, cache, BASE, tmp_path / "c",
+                                                           progress=False).model.state_dict())
+
+
+def test_compile_without_a_cpp_compiler_names_the_fix(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TrainConfigError, match="C\\+\\+ compiler.*apt install g\\+\\+.*compile off"):
+        check_compiler()
+
+
+@needs_compiler
+def test_resume_refuses_a_change_of_compile(cache, model_config, tmp_path: Path) -> None:
+    """Compiled kernels round differently: an exact resume keeps the setting it was trained with."""
+    Trainer(model_config, cache, replace(BASE, steps=2), tmp_path, progress=False).train()
+    other = Trainer(model_config, cache, replace(BASE, compile=True), tmp_path, progress=False)
+    with pytest.raises(TrainStateError, match="compile"):
+        other.resume(tmp_path / "states" / "step-00000002")

@@ -81,6 +81,10 @@ class TrainConfig:
     edit_repeat: int = 1
     init_from: Optional[str] = None  # release checkpoint to start from (e.g. the T2I model for editing)
     gradient_checkpointing: bool = False
+    # Run the forward (LAP + DiT) through torch.compile (inductor, dynamic shapes); its backward is
+    # compiled with it. About a quarter less time per step on CPU for the demo's model; needs a C++
+    # compiler on CPU, and trains other bits than eager (other kernels round differently).
+    compile: bool = False
     save_every: int = 500
     keep_last: int = 2
     log_every: int = 10

@@ -72,6 +72,27 @@ class TrainingModel(nn.Module):
         return self.dit(x, timesteps, context, mask, positions)  # (B, C, H, W)
 
 
+def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
+    """``module`` through ``torch.compile`` with dynamic shapes from the first call: batches are padded to
+    their longest condition, so the sequence length changes every step, and one graph serves them all.
+    Its CPU kernels read the thread count when they run (``cpp.dynamic_threads``), not when they were
+    built: the demo's t2i changes it mid-stage."""
+    check_compiler()
+    return torch.compile(module, dynamic=True, options={"cpp.dynamic_threads": True})
+
+
+def check_compiler() -> None:
+    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training."""
+    import shutil
+
+    if torch.cuda.is_available():
+        return
+    if not any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+        raise TrainConfigError("TrainConfig.compile needs a C++ compiler on PATH for torch.compile's CPU kernels "
+                               "(none of g++, clang++, c++ found): install one (e.g. apt install g++) or turn "
+                               "compile off")
+
+
 def parameter_groups(module: TrainingModel, config: TrainConfig) -> list[dict[str, Any]]:
     """Trainable parameters in two optimizer groups: the condition path (``lap.*``, LR scaled by
     ``config.condition_lr_scale``) and the rest; empty groups are left out."""
@@ -156,6 +177,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(parameter_groups(module, config), lr=config.lr, betas=config.betas,
                                       eps=config.eps, weight_decay=config.weight_decay)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        # The compiled forward shares the module's parameters; state dicts and EMA keep the module's names.
+        self.forward = compiled_forward(self.module) if config.compile else self.module
         named = dict(self.accelerator.unwrap_model(self.module).named_parameters())
         self.ema = EMA({n: named[n] for n in sorted(self.trainable)}, config.ema_decay, config.ema_warmup) \
             if config.ema_decay > 0 else None
@@ -291,7 +314,7 @@ class Trainer:
                         dtype=param.dtype, places=places).to(acc.device, param.dtype)
         noise_gen = torch.Generator().manual_seed(plan.noise_seed)
         noise = torch.randn(batch.latents.shape, generator=noise_gen).to(acc.device, param.dtype)
-        loss = flow_matching_loss(lambda x, t, **kw: self.module(x, t.to(x.dtype), **kw), batch.latents, noise,
+        loss = flow_matching_loss(lambda x, t, **kw: self.forward(x, t.to(x.dtype), **kw), batch.latents, noise,
                                   plan.timesteps.to(acc.device), features=batch.features, mask=batch.mask,
                                   drop=plan.drop.to(acc.device), positions=batch.positions, metric=self.metric)
         return loss, plan.recon
