@@ -87,3 +87,14 @@ def test_package_exports_resolve() -> None:
         assert getattr(package, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         package.nope  # noqa: B018
+
+
+def test_compile_flags_reach_the_recipe_of_train_and_lora() -> None:
+    from unifusion.train.cli import _recipe, build_parser
+
+    base = ["--cache", "c", "--out", "o"]
+    for command in (["train"], ["lora", "--init-from", "x.safetensors"]):
+        parser = build_parser()
+        assert _recipe(parser.parse_args([*command, *base])).compile is False
+        assert _recipe(parser.parse_args([*command, *base, "--compile"])).compile is True
+        assert _recipe(parser.parse_args([*command, *base, "--fused-optimizer"])).fused_optimizer is True

@@ -274,6 +274,15 @@ def test_compiled_training_follows_eager_and_resumes_exactly(cache, model_config
                                                            progress=False).model.state_dict())
 
 
+def test_fused_optimizer_takes_the_same_steps_up_to_rounding(cache, model_config, tmp_path: Path) -> None:
+    loop = Trainer(model_config, cache, BASE, tmp_path / "loop", progress=False)
+    fused = Trainer(model_config, cache, replace(BASE, fused_optimizer=True), tmp_path / "fused", progress=False)
+    assert fused.optimizer.optimizer.defaults["fused"] and not loop.optimizer.optimizer.defaults["fused"]
+    assert fused.train().losses == pytest.approx(loop.train().losses, rel=1e-4)
+    for (name, a), b in zip(loop.model.state_dict().items(), fused.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compile_without_a_cpp_compiler_names_the_fix(monkeypatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -99,6 +99,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_true",
                    help="run LAP + DiT through torch.compile (minutes to compile, then faster steps; "
                         "needs a C++ compiler on CPU)")
+    g.add_argument("--fused-optimizer", action="store_true", help="AdamW's fused kernel (faster, same update "
+                                                                   "up to rounding)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for small models on a busy machine)")
 
@@ -161,7 +163,7 @@ def _recipe(args: argparse.Namespace, lora: Any = None) -> Any:
         ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
         cond_dropout=args.cond_dropout, recon_prob=args.recon_prob, verifi_prob=args.verifi_prob,
         loss_whitening=args.loss_whitening, timestep_shift=args.shift, stage=args.stage, init_from=str(args.init_from) if args.init_from else None,
-        gradient_checkpointing=args.grad_ckpt, compile=args.compile, save_every=args.save_every, keep_last=args.keep_last,
+        gradient_checkpointing=args.grad_ckpt, compile=args.compile, fused_optimizer=args.fused_optimizer, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, lora=lora,
     )
 

@@ -175,7 +175,8 @@ class Trainer:
         module = TrainingModel(self.model)
         self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(parameter_groups(module, config), lr=config.lr, betas=config.betas,
-                                      eps=config.eps, weight_decay=config.weight_decay)
+                                      eps=config.eps, weight_decay=config.weight_decay,
+                                      fused=True if config.fused_optimizer else None)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         # The compiled forward shares the module's parameters; state dicts and EMA keep the module's names.
         self.forward = compiled_forward(self.module) if config.compile else self.module
