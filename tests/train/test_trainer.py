@@ -297,3 +297,15 @@ def test_resume_refuses_a_change_of_compile(cache, model_config, tmp_path: Path)
     other = Trainer(model_config, cache, replace(BASE, compile=True), tmp_path, progress=False)
     with pytest.raises(TrainStateError, match="compile"):
         other.resume(tmp_path / "states" / "step-00000002")
+
+
+@needs_compiler
+def test_every_compiled_run_in_a_process_compiles_afresh(cache, model_config, tmp_path: Path, monkeypatch) -> None:
+    """A second compiled run in the process trains the first one's bits: past dynamo's recompile limit (here
+    1) it would otherwise fall back to eager, whose kernels round differently (the demo's third edit cycle)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # bf16: accelerate wraps each run's forward in a new autocast closure, which dynamo guards on.
+    cfg = replace(BASE, steps=2, save_every=2, compile=True, mixed_precision="bf16")
+    first = Trainer(model_config, cache, cfg, tmp_path / "a", progress=False).train().losses
+    second = Trainer(model_config, cache, cfg, tmp_path / "b", progress=False).train().losses
+    assert second == first

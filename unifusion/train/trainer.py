@@ -76,8 +76,14 @@ def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
     """``module`` through ``torch.compile`` with dynamic shapes from the first call: batches are padded to
     their longest condition, so the sequence length changes every step, and one graph serves them all.
     Its CPU kernels read the thread count when they run (``cpp.dynamic_threads``), not when they were
-    built: the demo's t2i changes it mid-stage."""
+    built: the demo's t2i changes it mid-stage.
+
+    Each call first clears torch.compile's caches in this process (`torch.compiler.reset`): a new trainer's
+    module is another object, so without it every run in a process recompiles the same code, and past
+    dynamo's ``recompile_limit`` (8) a later run silently falls back to eager (the demo's third edit cycle
+    did). With it a run compiles as it would alone, whatever ran before it in the process."""
     check_compiler()
+    torch.compiler.reset()
     return torch.compile(module, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
