@@ -163,7 +163,8 @@ def _recipe(args: argparse.Namespace, lora: Any = None) -> Any:
         ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
         cond_dropout=args.cond_dropout, recon_prob=args.recon_prob, verifi_prob=args.verifi_prob,
         loss_whitening=args.loss_whitening, timestep_shift=args.shift, stage=args.stage, init_from=str(args.init_from) if args.init_from else None,
-        gradient_checkpointing=args.grad_ckpt, compile=args.compile, fused_optimizer=args.fused_optimizer, save_every=args.save_every, keep_last=args.keep_last,
+        gradient_checkpointing=args.grad_ckpt, compile=args.compile, fused_optimizer=args.fused_optimizer,
+        save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, lora=lora,
     )
 

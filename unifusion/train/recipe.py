@@ -82,8 +82,9 @@ class TrainConfig:
     init_from: Optional[str] = None  # release checkpoint to start from (e.g. the T2I model for editing)
     gradient_checkpointing: bool = False
     # Run the forward (LAP + DiT) through torch.compile (inductor, dynamic shapes); its backward is
-    # compiled with it. About a quarter less time per step on CPU for the demo's model; needs a C++
-    # compiler on CPU, and trains other bits than eager (other kernels round differently).
+    # compiled with it. About a third less time per step on CPU for the demo's model, after minutes of
+    # compiling (benchmarks/train_compile.py); needs a C++ compiler on CPU, and trains other bits than
+    # eager (other kernels round differently).
     compile: bool = False
     # AdamW's fused kernel (one pass over every parameter) instead of its per-tensor loop: on the demo's
     # model 5 ms less per step on CPU; the same update up to rounding.

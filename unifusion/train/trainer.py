@@ -79,7 +79,8 @@ def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
     built: the demo's t2i changes it mid-stage.
 
     Each call first clears torch.compile's caches in this process (`torch.compiler.reset`): a new trainer's
-    module is another object, so without it every run in a process recompiles the same code, and past
+    forward is another object (under mixed precision accelerate wraps it in a new autocast closure, which
+    dynamo guards on), so without it every run in a process recompiles the same code, and past
     dynamo's ``recompile_limit`` (8) a later run silently falls back to eager (the demo's third edit cycle
     did). With it a run compiles as it would alone, whatever ran before it in the process."""
     check_compiler()
