@@ -1,7 +1,6 @@
 """UniFusionModel: key names, null condition, tiny forward/backward, paper-size parameter count."""
 
 import logging
-import shutil
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ from unifusion.config import paper_preset, tiny_preset
 from unifusion.dit import UniFusionDiT
 from unifusion.lap import LAPConditioner
 from unifusion.model import UniFusionModel
+from unifusion.train.trainer import has_cpp_compiler
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def test_tiny_forward_backward_on_cpu():
     assert model.dit.blocks[0].modulation.weight.grad.abs().sum().item() > 0
 
 
-@pytest.mark.skipif(not any(shutil.which(n) for n in ("g++", "clang++", "c++")),
+@pytest.mark.skipif(not has_cpp_compiler(),
                     reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
 def test_whole_forward_compiles_as_one_graph_with_padding():
     """LAP + DiT under torch.compile(fullgraph=True): no branch on mask values splits the graph (a batch

@@ -23,7 +23,7 @@ from unifusion.train.export import export_release
 from unifusion.train.recipe import TrainConfig
 from unifusion.train.run import model_config_for_cache, train
 from unifusion.train.state import list_states
-from unifusion.train.trainer import Trainer, TrainingModel, check_compiler
+from unifusion.train.trainer import Trainer, TrainingModel, check_compiler, has_cpp_compiler
 
 BASE = TrainConfig(steps=4, batch_size=2, grad_accum=2, lr=2e-3, warmup_steps=2, save_every=2, log_every=1,
                    stage="mixed", cond_dropout=0.3, recon_prob=0.3, verifi_prob=0.5, ema_decay=0.9)
@@ -251,7 +251,7 @@ def test_mixed_precision_can_change_between_runs_of_one_process(cache, model_con
     assert losses["bf16"][0] == pytest.approx(losses["no"][0], rel=0.05)
 
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(n) for n in ("g++", "clang++", "c++")),
+needs_compiler = pytest.mark.skipif(not has_cpp_compiler(),
                                     reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
 
 

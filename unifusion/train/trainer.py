@@ -88,13 +88,18 @@ def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
     return torch.compile(module, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
-def check_compiler() -> None:
-    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training."""
+def has_cpp_compiler() -> bool:
+    """Whether a C++ compiler is on PATH, which torch.compile's CPU kernels need (inductor builds them)."""
     import shutil
 
+    return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
+
+
+def check_compiler() -> None:
+    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training."""
     if torch.cuda.is_available():
         return
-    if not any(shutil.which(name) for name in ("g++", "clang++", "c++")):
+    if not has_cpp_compiler():
         raise TrainConfigError("TrainConfig.compile needs a C++ compiler on PATH for torch.compile's CPU kernels "
                                "(none of g++, clang++, c++ found): install one (e.g. apt install g++) or turn "
                                "compile off")
