@@ -284,10 +284,12 @@ def test_fused_optimizer_takes_the_same_steps_up_to_rounding(cache, model_config
 
 
 def test_compile_without_a_cpp_compiler_names_the_fix(monkeypatch) -> None:
+    """A CPU run needs the C++ compiler even where a GPU is present; a CUDA run is not checked here."""
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(TrainConfigError, match="C\\+\\+ compiler.*apt install g\\+\\+.*compile off"):
-        check_compiler()
+        check_compiler(torch.device("cpu"))
+    check_compiler(torch.device("cuda", 0))
 
 
 @needs_compiler

@@ -72,7 +72,7 @@ class TrainingModel(nn.Module):
         return self.dit(x, timesteps, context, mask, positions)  # (B, C, H, W)
 
 
-def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
+def compiled_forward(module: nn.Module, device: torch.device) -> Callable[..., Tensor]:
     """``module`` through ``torch.compile`` with dynamic shapes from the first call: batches are padded to
     their longest condition, so the sequence length changes every step, and one graph serves them all.
     Its CPU kernels read the thread count when they run (``cpp.dynamic_threads``), not when they were
@@ -83,7 +83,7 @@ def compiled_forward(module: nn.Module) -> Callable[..., Tensor]:
     dynamo guards on), so without it every run in a process recompiles the same code, and past
     dynamo's ``recompile_limit`` (8) a later run silently falls back to eager (the demo's third edit cycle
     did). With it a run compiles as it would alone, whatever ran before it in the process."""
-    check_compiler()
+    check_compiler(device)
     torch.compiler.reset()
     return torch.compile(module, dynamic=True, options={"cpp.dynamic_threads": True})
 
@@ -95,9 +95,11 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
 
 
-def check_compiler() -> None:
-    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training."""
-    if torch.cuda.is_available():
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training.
+    Only a run on the CPU needs one (a CPU run on a machine with a GPU too); on a CUDA device inductor
+    writes Triton kernels, whose toolchain this does not check."""
+    if device.type != "cpu":
         return
     if not has_cpp_compiler():
         raise TrainConfigError("TrainConfig.compile needs a C++ compiler on PATH for torch.compile's CPU kernels "
@@ -191,7 +193,7 @@ class Trainer:
                                       fused=True if config.fused_optimizer else None)
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         # The compiled forward shares the module's parameters; state dicts and EMA keep the module's names.
-        self.forward = compiled_forward(self.module) if config.compile else self.module
+        self.forward = compiled_forward(self.module, self.accelerator.device) if config.compile else self.module
         named = dict(self.accelerator.unwrap_model(self.module).named_parameters())
         self.ema = EMA({n: named[n] for n in sorted(self.trainable)}, config.ema_decay, config.ema_warmup) \
             if config.ema_decay > 0 else None
