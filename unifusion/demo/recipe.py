@@ -110,6 +110,9 @@ class DemoRecipe:
     # the edit finetune: plain 98/86/96/100/75% (exact 60%) -> 99/84/98/100/79% (67%), Verifi 90/68/97/100/100%
     # (56%) -> 90/66/97/100/100% (56%), held-out colour/shape pairs exact 46% -> 54%, one-tile reconstruction
     # 25% -> 42% exact (31.7 -> 32.8 dB); edits 15% both (identity 48% -> 45%).
+    # 10,800 compiled (2026-12-05, the minutes torch.compile frees): level within the noise on 192 test prompts
+    # (exact 77% against 76%; before the edit finetune 78% against 74%) and 96 test edits (57% against 55%), so
+    # not shipped ("The compiled minutes spent on t2i" in the log).
     t2i_steps: int = 7200
     # With --jobs 2, t2i's first steps run on this process's share of the threads while the decoder's worker
     # finishes beside it; then t2i waits for the worker and takes every thread. A fixed step, not the moment the
