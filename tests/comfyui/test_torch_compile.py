@@ -1,0 +1,31 @@
+"""ComfyUI's native TorchCompileModel on a UniFusion MODEL: KSampler samples through the compiled
+diffusion model and draws what the eager model draws. Inductor's kernels round differently from
+eager ones, so the images are compared within a few levels, not for equality. Inductor builds its
+CPU kernels with a C++ compiler, so the test needs one on PATH.
+
+Run with TORCH_LOGS=graph_breaks, dynamo reports breaks only at the NaN/Inf guard at the top of the
+forward (nodes/finite.py reads the tensors to name the fix) and, under ComfyUI's CPU default
+(sub-quadratic) attention, at its free-memory query; the DiT's blocks compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from harness import ComfyServer
+from test_nodes import SEEDS, graph, image_of, sampling
+from unifusion.train.trainer import has_cpp_compiler
+
+
+@pytest.mark.skipif(not has_cpp_compiler(), reason="inductor's CPU kernels need a C++ compiler on PATH")
+def test_torch_compile_model_samples_what_the_eager_model_does(server: ComfyServer) -> None:
+    seed = next(SEEDS)
+    eager = graph(seed=seed, prefix="compile_eager")
+    compiled = graph(seed=seed, prefix="compile_inductor")
+    compiled["compiled"] = {"class_type": "TorchCompileModel", "inputs": {"model": ["model", 0], "backend": "inductor"}}
+    compiled.update(sampling("lap", model="compiled", seed=seed, prefix="compile_inductor"))
+
+    expected = image_of(server, server.run(eager))
+    got = image_of(server, server.run(compiled, timeout=900))
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 3, "the compiled model drew another image"
