@@ -9,7 +9,6 @@ from unifusion.config import paper_preset, tiny_preset
 from unifusion.dit import UniFusionDiT
 from unifusion.lap import LAPConditioner
 from unifusion.model import UniFusionModel
-from unifusion.train.trainer import has_cpp_compiler
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,7 @@ def test_tiny_forward_backward_on_cpu():
     assert model.dit.blocks[0].modulation.weight.grad.abs().sum().item() > 0
 
 
-@pytest.mark.skipif(not has_cpp_compiler(),
-                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+@pytest.mark.needs_cpp_compiler
 def test_whole_forward_compiles_as_one_graph_with_padding():
     """LAP + DiT under torch.compile(fullgraph=True): no branch on mask values splits the graph (a batch
     with and without padding, and another length, run through the same dynamic graph), and the

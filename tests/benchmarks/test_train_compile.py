@@ -14,11 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.train_compile import demo_shaped_cache, trainers  # noqa: E402
 from unifusion.demo.recipe import DemoRecipe  # noqa: E402
 from unifusion.train.cache import FeatureCache  # noqa: E402
-from unifusion.train.trainer import has_cpp_compiler  # noqa: E402
 
 
-@pytest.mark.skipif(not has_cpp_compiler(),
-                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+@pytest.mark.needs_cpp_compiler
 def test_the_two_trainers_differ_in_compile_alone(tmp_path: Path) -> None:
     cache_dir = demo_shaped_cache(tmp_path, samples=8)
     cache = FeatureCache(cache_dir)

@@ -14,7 +14,6 @@ from benchmarks.train_precision import demo_model, flux_matrix_rope, main, torch
 from benchmarks.train_precision import with_rope  # noqa: E402
 import unifusion.attention as attention  # noqa: E402
 from unifusion.attention import apply_rope, rope_frequencies, sdpa_attention  # noqa: E402
-from unifusion.train.trainer import has_cpp_compiler  # noqa: E402
 
 
 def test_the_methods_compute_the_same_step_and_learn() -> None:
@@ -53,8 +52,7 @@ def test_flux_matrix_rope_row_trains_the_same_bits_and_restores_ours() -> None:
     assert attention._apply_rope1 is ours_rope
 
 
-@pytest.mark.skipif(not has_cpp_compiler(),
-                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
+@pytest.mark.needs_cpp_compiler
 def test_compiled_row_trains_the_same_model_to_within_rounding() -> None:
     """The torch.compile row measures the same step: same model, draws and losses up to kernel rounding."""
     eager = training_step(demo_model(sdpa_attention), batch=2, cond=4, bf16=True)

@@ -14,10 +14,9 @@ import pytest
 
 from harness import ComfyServer
 from test_nodes import SEEDS, graph, image_of, sampling
-from unifusion.train.trainer import has_cpp_compiler
 
 
-@pytest.mark.skipif(not has_cpp_compiler(), reason="inductor's CPU kernels need a C++ compiler on PATH")
+@pytest.mark.needs_cpp_compiler
 def test_torch_compile_model_samples_what_the_eager_model_does(server: ComfyServer) -> None:
     seed = next(SEEDS)
     eager = graph(seed=seed, prefix="compile_eager")

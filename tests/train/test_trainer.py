@@ -23,7 +23,7 @@ from unifusion.train.export import export_release
 from unifusion.train.recipe import TrainConfig
 from unifusion.train.run import model_config_for_cache, train
 from unifusion.train.state import list_states
-from unifusion.train.trainer import Trainer, TrainingModel, check_compiler, has_cpp_compiler
+from unifusion.train.trainer import Trainer, TrainingModel, check_compiler
 
 BASE = TrainConfig(steps=4, batch_size=2, grad_accum=2, lr=2e-3, warmup_steps=2, save_every=2, log_every=1,
                    stage="mixed", cond_dropout=0.3, recon_prob=0.3, verifi_prob=0.5, ema_decay=0.9)
@@ -251,11 +251,7 @@ def test_mixed_precision_can_change_between_runs_of_one_process(cache, model_con
     assert losses["bf16"][0] == pytest.approx(losses["no"][0], rel=0.05)
 
 
-needs_compiler = pytest.mark.skipif(not has_cpp_compiler(),
-                                    reason="torch.compile's inductor needs a C++ compiler (g++ or clang++) on PATH")
-
-
-@needs_compiler
+@pytest.mark.needs_cpp_compiler
 def test_compiled_training_follows_eager_and_resumes_exactly(cache, model_config, tmp_path: Path) -> None:
     """TrainConfig.compile trains the same model as eager up to kernel rounding (padded batches of several
     condition lengths through one dynamic graph), and a compiled run resumes to the same bits."""
@@ -292,7 +288,7 @@ def test_compile_without_a_cpp_compiler_names_the_fix(monkeypatch) -> None:
     check_compiler(torch.device("cuda", 0))
 
 
-@needs_compiler
+@pytest.mark.needs_cpp_compiler
 def test_resume_refuses_a_change_of_compile(cache, model_config, tmp_path: Path) -> None:
     """Compiled kernels round differently: an exact resume keeps the setting it was trained with."""
     Trainer(model_config, cache, replace(BASE, steps=2), tmp_path, progress=False).train()
@@ -301,7 +297,7 @@ def test_resume_refuses_a_change_of_compile(cache, model_config, tmp_path: Path)
         other.resume(tmp_path / "states" / "step-00000002")
 
 
-@needs_compiler
+@pytest.mark.needs_cpp_compiler
 def test_every_compiled_run_in_a_process_compiles_afresh(cache, model_config, tmp_path: Path, monkeypatch) -> None:
     """A second compiled run in the process trains the first one's bits: past dynamo's recompile limit (here
     1) it would otherwise fall back to eager, whose kernels round differently (the demo's third edit cycle)."""
