@@ -7,7 +7,7 @@ from torch import nn
 
 from unifusion.attention import sdpa_attention
 from unifusion.config import DiTConfig
-from unifusion.dit import UniFusionDiT, grid_position_embedding, timestep_embedding
+from unifusion.dit import UniFusionDiT, grid_position_embedding, timestep_embedding, underlying_image_features
 from unifusion.errors import InputError
 
 CFG = DiTConfig(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, time_embed_dim=16,
@@ -246,3 +246,48 @@ def test_image_positions_move_only_placed_tokens_and_are_off_by_default(model):
         torch.testing.assert_close(placer(x, t, ctx, None, somewhere[:1]), moved)  # one row serves the batch
     with pytest.raises(InputError, match="context_positions must be"):
         placer(x, t, ctx, None, torch.zeros(2, 4, 2))
+
+
+def test_underlying_image_features_give_each_latent_token_the_image_token_over_it():
+    """A 2x2 grid of tokens over a 4x4 latent: each latent token gets the token whose quarter it
+    lies in; text tokens (NaN), padding and rows without a placed token give nothing."""
+    grid = torch.tensor([[(i + 0.5) / 2, (j + 0.5) / 2] for i in range(2) for j in range(2)])  # (4, 2)
+    positions = torch.cat([torch.full((1, 2), float("nan")), grid]).expand(2, -1, -1).clone()  # (2, 5, 2)
+    context = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    under = underlying_image_features(context, positions, 4, 4)  # (2, 16, 3)
+    expected = torch.tensor([1 + (r // 2) * 2 + c // 2 for r in range(4) for c in range(4)])
+    torch.testing.assert_close(under, context[:, expected])
+    mask = torch.tensor([[True] * 5, [True, False, True, True, True]])  # row 1's top-left token is padding
+    masked = underlying_image_features(context, positions, 4, 4, mask)
+    torch.testing.assert_close(masked[0], under[0])
+    # Row 1's top-left latent token now lies nearest the top-right and bottom-left tokens, equally.
+    torch.testing.assert_close(masked[1, 0], (context[1, 2] + context[1, 3]) / 2)
+    others = [i for i in range(16) if i not in (0, 1, 4, 5)]  # outside the padded token's quarter
+    torch.testing.assert_close(masked[1, others], under[1, others])
+    # Two references at the same place are averaged; none placed gives zeros.
+    twice = underlying_image_features(torch.cat([context, context + 10], 1), torch.cat([positions, positions], 1), 4, 4)
+    torch.testing.assert_close(twice, under + 5)
+    assert not underlying_image_features(context, torch.full((2, 5, 2), float("nan")), 4, 4).any()
+
+
+def test_image_injection_starts_as_the_same_model_and_then_reads_the_place(model):
+    """Zero-initialised, the injection leaves a loaded model's output as it was; with weights it
+    changes the output only where tokens are placed, and the file gains one weight."""
+    from dataclasses import replace
+
+    injector = UniFusionDiT(replace(CFG, image_injection=True)).eval()
+    assert set(injector.state_dict()) - set(model.state_dict()) == {"image_injection.weight"}
+    assert not injector.image_injection.weight.any()
+    state = {**model.state_dict(), "image_injection.weight": injector.image_injection.weight}
+    injector.load_state_dict(state)
+    x, t, ctx = inputs()
+    nowhere = torch.full((2, 3, 2), float("nan"))
+    somewhere = nowhere.clone()
+    somewhere[:, 1] = torch.tensor([0.25, 0.75])
+    with torch.no_grad():
+        plain = model(x, t, ctx)
+        torch.testing.assert_close(injector(x, t, ctx, None, somewhere), plain)  # zero weights: as before
+        injector.image_injection.weight.normal_()
+        torch.testing.assert_close(injector(x, t, ctx, None, nowhere), plain)  # nothing placed: as before
+        torch.testing.assert_close(injector(x, t, ctx), plain)
+        assert not torch.allclose(injector(x, t, ctx, None, somewhere), plain, atol=1e-4)

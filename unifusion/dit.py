@@ -60,6 +60,28 @@ def place_condition_tokens(ids: Tensor, positions: Tensor, h: int, w: int) -> Te
     return torch.cat([cond, ids[:, s:]], dim=1)
 
 
+def underlying_image_features(context: Tensor, positions: Tensor, h: int, w: int,
+                               mask: Optional[Tensor] = None) -> Tensor:
+    """(B, h*w, D): for each latent token (row-major), the mean of the placed condition tokens
+    (finite ``positions`` (B, S, 2), frame fractions as in `place_condition_tokens`; real per
+    ``mask`` (B, S)) nearest to it; zeros where a row has none. A 4x4 grid of image tokens over
+    an 8x8 latent gives each latent token the one token it lies under; several references at the
+    same place are averaged."""
+    placed = torch.isfinite(positions).all(dim=-1)  # (B, S)
+    if mask is not None:
+        placed = placed & mask.to(torch.bool)
+    grid = positions.float().nan_to_num(0.0) * positions.new_tensor([h, w], dtype=torch.float32) - 0.5  # (B, S, 2)
+    rows = torch.arange(h, device=grid.device, dtype=torch.float32)
+    cols = torch.arange(w, device=grid.device, dtype=torch.float32)
+    cells = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(1, h * w, 1, 2)  # (1, N, 1, 2)
+    dist = ((cells - grid[:, None]) ** 2).sum(-1)  # (B, N, S)
+    dist = dist.masked_fill(~placed[:, None], float("inf"))
+    nearest = dist <= dist.min(dim=-1, keepdim=True).values + 1e-4  # (B, N, S)
+    weights = (nearest & placed[:, None]).to(context.dtype)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return weights @ context  # (B, N, D)
+
+
 def grid_position_embedding(height: int, width: int, dim: int, theta: float, device=None) -> Tensor:
     """(H*W, dim) sin/cos of each token's (row, column), half the channels per axis, frequencies
     from 1 down to 1/theta (row-major like the token order)."""
@@ -169,6 +191,8 @@ class UniFusionDiT(nn.Module):
             for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(cfg, dtype=dtype, device=device, operations=operations)
+        if cfg.image_injection:
+            self.image_injection = operations.Linear(d, d, bias=False, dtype=dtype, device=device)
         self.initialize_weights()
 
     @torch.no_grad()
@@ -180,6 +204,8 @@ class UniFusionDiT(nn.Module):
         for layer in (self.final_layer.modulation, self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.cfg.image_injection:
+            nn.init.zeros_(self.image_injection.weight)
         nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
 
@@ -211,8 +237,13 @@ class UniFusionDiT(nn.Module):
         context, context_mask = self._check_context(context, context_mask, img)
         s = context.shape[1]
         ids = self._position_ids(b, s, h, w, context_mask, img.device)  # (B, S+N, 3)
-        if self.cfg.image_positions and context_positions is not None and s > 0:
-            ids = place_condition_tokens(ids, self._check_positions(context_positions, b, s), h, w)
+        if context_positions is not None and s > 0 and (self.cfg.image_positions or self.cfg.image_injection):
+            context_positions = self._check_positions(context_positions, b, s)
+            if self.cfg.image_positions:
+                ids = place_condition_tokens(ids, context_positions, h, w)
+            if self.cfg.image_injection:
+                under = underlying_image_features(context, context_positions.to(img.device), h, w, context_mask)
+                img = img + self.image_injection(under.to(img.dtype))
         freqs = rope_frequencies(ids, self.cfg.rope_axes, self.cfg.rope_theta)  # (B, 1, S+N, hd/2, 2, 2)
         bias = None
         if context_mask is not None and s > 0 and has_padding(context_mask):

@@ -155,13 +155,16 @@ def test_comfyui_matches_the_library_pipeline(server: ComfyServer, workflows_dir
     assert diff.mean() < np.abs(comfy_image - ours((0.0, 1.0))).mean()
 
 
-def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path_factory: pytest.TempPathFactory
-                                                   ) -> None:
+@pytest.mark.parametrize("injection", [False, True], ids=["placed", "placed+injection"])
+def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path_factory: pytest.TempPathFactory,
+                                                   injection: bool) -> None:
     """A reference edit through the nodes and the native KSampler equals the library's: the
-    reference tokens reach the DiT with their places (without them the library draws another picture)."""
+    reference tokens reach the DiT with their places (without them the library draws another picture),
+    also into a DiT with ``image_injection``."""
     from dataclasses import replace
 
     pipeline = pytest.importorskip("unifusion.pipeline")
+    import torch
     from safetensors.torch import load_file
 
     from unifusion.checkpoint import read_checkpoint_header, save_checkpoint
@@ -170,8 +173,13 @@ def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path
     # The tiny model's attention barely moves its output; sharpen it so that places show in the picture.
     weights = {k: v * (4.0 if k.endswith(("q_norm.weight", "k_norm.weight")) else 8.0 if k.endswith("attn.proj.weight")
                        else 1.0) for k, v in load_file(str(files.checkpoint)).items()}
-    checkpoint = save_checkpoint(tmp_path_factory.mktemp("placing") / "placing.safetensors", weights,
-                                 read_checkpoint_header(files.checkpoint).config)
+    config = read_checkpoint_header(files.checkpoint).config
+    name = "placing_injection.safetensors" if injection else "placing.safetensors"
+    if injection:
+        config = replace(config, dit=replace(config.dit, image_injection=True))
+        width = config.dit.hidden_size
+        weights["dit.image_injection.weight"] = torch.randn(width, width, generator=torch.Generator().manual_seed(3))
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("placing") / name, weights, config)
     server.link_model("diffusion_models", checkpoint)
     source = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (250, 250, 250))
     source.paste((220, 30, 30), (8, 8, 30, 30))
@@ -181,8 +189,7 @@ def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path
     prompt = {
         "vlm": {"class_type": "UniFusionVLMLoader", "inputs": {"vlm": "unifusion-demo-vlm", "dtype": "default",
                                                                "layers": "paper"}},
-        "model": {"class_type": "UniFusionModelLoader", "inputs": {"checkpoint": "placing.safetensors",
-                                                                   "weight_dtype": "default"}},
+        "model": {"class_type": "UniFusionModelLoader", "inputs": {"checkpoint": name, "weight_dtype": "default"}},
         "load": {"class_type": "LoadImage", "inputs": {"image": "parity_reference.png"}},
         "ref": {"class_type": "UniFusionReference", "inputs": {"image": ["load", 0], "max_tiles": 1}},
         "enc": {"class_type": "UniFusionEncode", "inputs": {"vlm": ["vlm", 0], "text": text, "system_prompt": "",
@@ -202,7 +209,7 @@ def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path
     }
     comfy_image = saved_images(server, server.run(prompt))[0].astype(np.float64)
     pipe = pipeline.UniFusionPipeline.from_files(files.vlm, checkpoint, files.vae)
-    assert pipe.config.dit.image_positions
+    assert pipe.config.dit.image_positions and pipe.config.dit.image_injection == injection
     condition = pipe.encode(text, [source], max_tiles=1)
     # this graph has no UniFusion Guidance Interval: KSampler guides every step
     every_step = {"cfg_scale": 4.0, "seed": seed, "guidance_min_t": 0.0, "guidance_max_t": 1.0}
@@ -212,3 +219,9 @@ def test_comfyui_edit_matches_the_library_pipeline(server: ComfyServer, tmp_path
                                       **every_step)[0].convert("RGB")).astype(np.float64)
     assert np.abs(comfy_image - ours).max() <= 2.0
     assert np.abs(unplaced - ours).max() > 2.0, "places must matter for this check to mean anything"
+    if injection:
+        with torch.no_grad():
+            pipe.model.dit.image_injection.weight.zero_()
+        uninjected = np.asarray(pipe.sample(condition, IMAGE_SIZE, IMAGE_SIZE, steps=TEST_STEPS, **every_step)[0]
+                                .convert("RGB")).astype(np.float64)
+        assert np.abs(uninjected - ours).max() > 2.0, "the injection must matter for this check to mean anything"

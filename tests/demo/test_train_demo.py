@@ -143,6 +143,23 @@ def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
     assert content_digest(again) == content_digest(out / DEMO_CHECKPOINT) != content_digest(first)
 
 
+def test_the_edit_stage_adds_the_image_injection_when_the_recipe_asks(quick_run, tmp_path):
+    """``edit_image_injection`` starts the edit cycles from the text-to-image checkpoint with the (zero)
+    injection added; the finetune trains it. Off (the shipped recipe), the edit checkpoint has none."""
+    from unifusion.checkpoint import load_model
+    from unifusion.demo.stages import stage_edit
+    from unifusion.train.cache import FeatureCache
+
+    out, work = quick_run
+    assert not read_checkpoint_header(out / DEMO_CHECKPOINT).config.dit.image_injection
+    recipe = replace(quick_recipe(3), edit_image_injection=True)
+    final = stage_edit(recipe, FeatureCache(work / "cache"), tmp_path, work / "t2i.safetensors",
+                       tmp_path / "edit.safetensors")
+    assert read_checkpoint_header(tmp_path / "t2i_injection.safetensors").config.dit.image_injection
+    model, config = load_model(final)
+    assert config.dit.image_injection and model.dit.image_injection.weight.abs().sum() > 0
+
+
 def test_each_edit_cycle_trains_at_its_own_batch_size_and_learning_rate(quick_run):
     """Each cycle trains at its own batch size and peak learning rate (the shipped second cycle peaks at four times
     the first's)."""

@@ -19,7 +19,7 @@ from unifusion.flow import add_noise
 from unifusion.model import UniFusionModel
 from unifusion.train.cache import collate
 from unifusion.train.errors import TrainConfigError, TrainStateError
-from unifusion.train.export import export_release
+from unifusion.train.export import export_release, with_image_injection
 from unifusion.train.recipe import TrainConfig
 from unifusion.train.run import model_config_for_cache, train
 from unifusion.train.state import list_states
@@ -185,6 +185,26 @@ def test_release_export_and_edit_stage_from_it(cache, model_config, tmp_path: Pa
     other = model_config_for_cache(cache, tiny_dit(depth=3), lap_heads=2, refiner_blocks=1)
     with pytest.raises(TrainConfigError, match=r"another model config than this run \(dit\.depth: 2 vs 3"):
         Trainer(other, cache, edit_cfg, tmp_path / "y", progress=False)
+
+
+def test_with_image_injection_adds_a_zero_injection_that_an_edit_finetune_learns(cache, model_config,
+                                                                                tmp_path: Path) -> None:
+    Trainer(model_config, cache, replace(BASE, stage="t2i", steps=1), tmp_path / "t2i", progress=False).train()
+    release = export_release(tmp_path / "t2i", tmp_path / "t2i.safetensors")
+    widened = with_image_injection(release, tmp_path / "wide.safetensors")
+    (base, _), (wide, config) = load_model(release), load_model(widened)
+    assert config.dit.image_injection and not base.cfg.dit.image_injection
+    assert set(wide.state_dict()) - set(base.state_dict()) == {"dit.image_injection.weight"}
+    assert not wide.dit.image_injection.weight.any()
+    for name, value in base.state_dict().items():
+        assert torch.equal(wide.state_dict()[name], value), name
+    with pytest.raises(TrainStateError, match="already has image_injection"):
+        with_image_injection(widened, tmp_path / "again.safetensors")
+    assert cache.key.frame_positions  # edit samples' image tokens carry their place, which the injection reads
+    edit = train(cache.folder, tmp_path / "edit", None, replace(BASE, stage="edit", steps=2, init_from=str(widened)),
+                 progress=False)
+    tuned, _ = load_model(export_release(edit.state_dir, tmp_path / "edit.safetensors", use_ema=False))
+    assert tuned.dit.image_injection.weight.abs().sum() > 0
 
 
 def test_condition_lr_scale_moves_lap_slower_and_zero_freezes_it(cache, model_config, tmp_path: Path) -> None:

@@ -181,6 +181,12 @@ class DemoRecipe:
     # In the second cycle (2026-12-04, lr 8e-4), 0 instead of 0.2 edited 33% of 48 held-out edits exactly against
     # 42% (96: 34% and 41%), with reconstruction from one tile still 67%.
     edit_recon_prob: float = 0.2
+    # DiTConfig.image_injection, added (zero) to the text-to-image checkpoint when the edit finetune starts
+    # (`unifusion.train.export.with_image_injection`), so text-to-image trains and draws as before. Off: both
+    # edit cycles from the shipped t2i checkpoint with it (2026-12-05) edited 53% of 96 test edits exactly
+    # (identity 79%) against the shipped 55% (79%), reconstructed 76 of 96 validation scenes from one tile (77),
+    # plain prompts exact 69% of 192 (76%); see "A direct path from each reference token" in the log.
+    edit_image_injection: bool = False
     # TrainConfig.edit_repeat: 1 keeps 1 edit in 4 samples (2,000 edits beside 6,000 t2i). 3 (1 in 2), from the
     # shipped text-to-image checkpoint: edits 15% -> 12.5% exact (identity 48% -> 52%), reconstruction from one
     # tile 25% -> 29% (31.7 -> 31.8 dB), plain prompts 98/86/96/100/75% -> 97/87/97/100/77%: within the noise.

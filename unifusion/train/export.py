@@ -81,6 +81,22 @@ def export_release(state: str | Path, out_path: str | Path, use_ema: bool = True
     return path
 
 
+def with_image_injection(checkpoint: str | Path, out_path: str | Path) -> Path:
+    """A copy of a release checkpoint whose DiT gains `DiTConfig.image_injection`, zero-initialised, so
+    it draws exactly what the original draws; a finetune from it (``init_from``) then learns the
+    injection. The demo's edit stage starts from such a copy of its text-to-image checkpoint."""
+    state, head = load_state_dict(checkpoint)
+    if head.config.dit.image_injection:
+        raise TrainStateError(f"{checkpoint} already has image_injection; finetune from it as it is")
+    config = replace(head.config, dit=replace(head.config.dit, image_injection=True))
+    model = UniFusionModel(config)  # the injection starts at zero (UniFusionDiT.initialize_weights)
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if missing != ["dit.image_injection.weight"]:
+        raise TrainStateError(f"{checkpoint} lacks weights besides the injection ({missing[:3]}); it is damaged")
+    return save_checkpoint(out_path, model.state_dict(), config,
+                           metadata={**head.metadata, "source": "unifusion.train.with_image_injection"})
+
+
 def export_lora(state: str | Path, out_path: str | Path, use_ema: bool = True) -> Path:
     """Write the adapters of a LoRA state as a ComfyUI LoRA file (LoraLoaderModelOnly)."""
     folder = resolve_state(state)
