@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from harness import ComfyServer  # noqa: E402
 from ui_workflow import ui_to_api  # noqa: E402
 from unifusion.bundled import ASSETS_DIR, DEMO_CHECKPOINT, DEMO_VAE, DEMO_VAE_PATH, DEMO_VLM  # noqa: E402
 from unifusion.pipeline import UniFusionPipeline  # noqa: E402
+from unifusion.train.trainer import has_cpp_compiler  # noqa: E402
 
 logger = logging.getLogger("benchmarks.comfy_vs_pipeline")
 WORKFLOW = REPO / "workflows" / "text_to_image.json"
@@ -155,9 +156,12 @@ def run_pipeline(pipe: UniFusionPipeline, s: Settings, out_dir: Path, index: int
 
 
 def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Path], s: Settings,
-                    pipe: UniFusionPipeline, repeats: int) -> list[tuple]:
+                    pipe: UniFusionPipeline, repeats: int, compile_model: bool = False
+                    ) -> tuple[list[tuple], list[tuple]]:
     """The same stages in this process, without the server: our node functions and ComfyUI's own
-    KSampler / VAEDecode code against the pipeline's encode and sample (which includes the decode)."""
+    KSampler / VAEDecode code against the pipeline's encode and sample (which includes the decode).
+    With ``compile_model``, also ComfyUI's sample + decode on the MODEL after its TorchCompileModel
+    node (inductor; compiled in the untimed warm-up) against the same MODEL eager, timed in turn."""
     import_comfy(comfy_dir, args=comfy_args)
     import comfy.sd
     import comfy.utils
@@ -180,10 +184,14 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
     positive = comfy_encode()
     negative = comfy_nodes.ConditioningZeroOut().zero_out(positive)[0]
 
-    def comfy_sample_decode() -> torch.Tensor:
-        samples = comfy_nodes.common_ksampler(model, s.seed, s.steps, s.cfg, "euler", "simple", positive, negative,
-                                              latent)[0]
-        return comfy_nodes.VAEDecode().decode(vae, samples)[0]
+    def sample_decode(patcher: Any) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            samples = comfy_nodes.common_ksampler(patcher, s.seed, s.steps, s.cfg, "euler", "simple", positive,
+                                                  negative, latent)[0]
+            return comfy_nodes.VAEDecode().decode(vae, samples)[0]
+        return run
+
+    comfy_sample_decode = sample_decode(model)
 
     condition = pipe.encode(s.text)
     stages = {
@@ -194,13 +202,21 @@ def stage_breakdown(comfy_dir: Path, comfy_args: list[str], files: dict[str, Pat
                                                                      guidance_min_t=s.guidance[0],
                                                                      guidance_max_t=s.guidance[1])),
     }
-    rows = []
-    with torch.inference_mode():
+    rows, compile_rows = [], []
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
         for name, (ours, theirs) in stages.items():
             times = interleaved({"comfy": ours, "pipeline": theirs}, repeats)
             c, p = median(times["comfy"]), median(times["pipeline"])
             rows.append((name, c, p, c / p))
-    return rows
+        if compile_model:
+            from comfy_api.torch_helpers import set_torch_compile_wrapper  # what the TorchCompileModel node calls
+
+            compiled = model.clone()
+            set_torch_compile_wrapper(model=compiled, backend="inductor")
+            times = interleaved({"eager": comfy_sample_decode, "compiled": sample_decode(compiled)}, repeats)
+            e, c = median(times["eager"]), median(times["compiled"])
+            compile_rows.append(("sample + decode", e, c, c / e))
+    return rows, compile_rows
 
 
 def compare(server: ComfyServer, files: dict[str, Path], pipe: UniFusionPipeline, out_dir: Path, repeats: int,
@@ -237,10 +253,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("W", "H"),
                         help="override the workflow's image size (more work per step)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ComfyUI's sample + decode after its TorchCompileModel node (inductor) against "
+                             "the eager MODEL; needs a C++ compiler on PATH")
     parser.add_argument("--comfy-arg", action="append", default=[], dest="comfy_args",
                         help="extra ComfyUI command-line argument (repeatable), e.g. --comfy-arg=--use-pytorch-"
                              "cross-attention for the attention ComfyUI uses on NVIDIA GPUs")
     args = parser.parse_args(argv)
+    if args.compile and not has_cpp_compiler():
+        raise SystemExit("--compile: inductor builds its CPU kernels with a C++ compiler; install g++ (or clang++) "
+                         "or leave out --compile")
     setup(args.threads)
     comfy_dir = comfyui_dir(args.comfyui)
     if comfy_dir is None:
@@ -255,11 +277,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         with ComfyServer(comfy_dir, REPO, work / "server", extra_args=tuple(args.comfy_args)) as server:
             settings, comfy_runs, pipe_runs = compare(server, files, pipe, work / "pipeline", args.repeats,
                                                       args.steps, args.size)
-        stages = stage_breakdown(comfy_dir, args.comfy_args, files, settings, pipe, args.repeats)
+        stages, compile_rows = stage_breakdown(comfy_dir, args.comfy_args, files, settings, pipe, args.repeats,
+                                               args.compile)
     report(label, settings, comfy_runs, pipe_runs, args.comfy_args)
     logger.info("In-process stages (no server; CPU seconds, median of %d; ComfyUI's KSampler/VAEDecode code, our "
                 "node functions):", args.repeats)
     log_lines(table(("stage", "ComfyUI nodes", "pipeline", "ratio"), stages, floatfmt="{:.4f}"))
+    if compile_rows:
+        logger.info("TorchCompileModel (inductor) on the MODEL, in-process, CPU seconds, median of %d, timed in turn "
+                    "with the eager MODEL after an untimed compiling run each:", args.repeats)
+        log_lines(table(("stage", "eager", "compiled", "compiled/eager"), compile_rows, floatfmt="{:.4f}"))
     comfy_total = median([t.cpu for t in comfy_runs])
     logger.info("server cost outside these stages (whole ComfyUI run - in-process stages; a difference of noisy "
                 "medians): %.4f s CPU", comfy_total - sum(row[1] for row in stages))

@@ -70,3 +70,18 @@ def test_both_sides_make_the_same_image(tmp_path: Path):
     # (40% of them with the demo checkpoint); more than one level apart is rare (1.1% of the values,
     # at most 5 levels, with the checkpoint that pools layer 0)
     assert diff.max() <= 8 and (diff > 1).mean() < 0.03, (diff.max(), (diff > 1).mean(), diff.mean())
+
+
+@pytest.mark.needs_cpp_compiler
+def test_the_compile_row_times_torch_compile_model_against_the_eager_model(tmp_path: Path):
+    """``--compile``: the in-process breakdown also times ComfyUI's sampling on the MODEL after
+    TorchCompileModel's wrapper against the same MODEL eager, and reports their ratio."""
+    comfy_dir = require_comfyui(REPO, "set COMFYUI_DIR=/path/to/ComfyUI to import ComfyUI's sampler and compile wrapper")
+    files, _ = cvp.model_files(tmp_path)
+    pipe = cvp.UniFusionPipeline.from_files(files["unifusion_vlm"], files["diffusion_models"], files["vae"])
+    settings = cvp.Settings("a red circle", 1, 2, 4.0, 64, 64, 1, 1.6, (0.5, 0.8))
+    rows, compile_rows = cvp.stage_breakdown(comfy_dir, [], files, settings, pipe, repeats=1, compile_model=True)
+    assert [row[0] for row in rows] == ["encode + LAP", "sample + decode"]
+    [(name, eager, compiled, ratio)] = compile_rows
+    assert name == "sample + decode" and eager > 0 and compiled > 0 and ratio == pytest.approx(compiled / eager)
+    assert cvp.stage_breakdown(comfy_dir, [], files, settings, pipe, repeats=1)[1] == []  # off by default
