@@ -147,7 +147,7 @@ class DiTConfig:
     # linear layer (``image_injection`` weights), beside attention. Attention has to learn to pick the
     # few tokens over a shape out of all of them; the demo's DiT, after its edit finetune, read a kind
     # wrong in 1 of 10 shapes of multi-shape references while a linear probe on those same
-    # condition tokens read 98-99%. Needs ``context_positions``; a model without it ignores them here.
+    # condition tokens read 98-99%. Adds nothing without ``context_positions`` or without placed tokens.
     image_injection: bool = False
 
     def __post_init__(self) -> None:
