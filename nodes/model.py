@@ -65,6 +65,11 @@ class UniFusionLatentFormat(comfy.latent_formats.LatentFormat):
         return latent / self.scale_factor + self.shift_factor
 
 
+# Under ComfyUI's TorchCompileModel the check reads tensor values, which dynamo cannot trace: run it
+# eagerly by design instead of letting dynamo find that out and print a graph-break warning each compile.
+_checked_outside_compile = torch.compiler.disable(nonfinite_problem)
+
+
 class UniFusionDiffusionModel(UniFusionModel):
     """LAP + DiT with the call ComfyUI makes: ``(x, t, context=, control=, transformer_options=, **conds)``."""
 
@@ -80,7 +85,7 @@ class UniFusionDiffusionModel(UniFusionModel):
                 control: Any = None, transformer_options: Optional[dict] = None,
                 context_mask: Optional[torch.Tensor] = None, context_positions: Optional[torch.Tensor] = None,
                 **_: Any) -> torch.Tensor:
-        problem = nonfinite_problem(x, context, transformer_options)
+        problem = _checked_outside_compile(x, context, transformer_options)
         if problem:
             raise InputError(problem)
         # The mask may arrive cast to the model dtype (ComfyUI casts non-integer conds).
