@@ -227,6 +227,14 @@ def test_placed_condition_tokens_take_the_latent_row_and_column_they_lie_over():
     assert torch.equal(placed[:, 3:], ids[:, 3:])  # the latent tokens keep theirs
 
 
+def placements(b: int = 2, s: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context positions (B, S, 2) with no token placed, and with token 1 placed at (0.25, 0.75)."""
+    nowhere = torch.full((b, s, 2), float("nan"))
+    somewhere = nowhere.clone()
+    somewhere[:, 1] = torch.tensor([0.25, 0.75])
+    return nowhere, somewhere
+
+
 def test_image_positions_move_only_placed_tokens_and_are_off_by_default(model):
     from dataclasses import replace
 
@@ -234,9 +242,7 @@ def test_image_positions_move_only_placed_tokens_and_are_off_by_default(model):
     assert placer.state_dict().keys() == model.state_dict().keys()  # the same file layout
     placer.load_state_dict(model.state_dict())
     x, t, ctx = inputs()
-    nowhere = torch.full((2, 3, 2), float("nan"))
-    somewhere = nowhere.clone()
-    somewhere[:, 1] = torch.tensor([0.25, 0.75])
+    nowhere, somewhere = placements()
     with torch.no_grad():
         plain = model(x, t, ctx)
         torch.testing.assert_close(model(x, t, ctx, None, somewhere), plain)  # off: ignored
@@ -281,9 +287,7 @@ def test_image_injection_starts_as_the_same_model_and_then_reads_the_place(model
     state = {**model.state_dict(), "image_injection.weight": injector.image_injection.weight}
     injector.load_state_dict(state)
     x, t, ctx = inputs()
-    nowhere = torch.full((2, 3, 2), float("nan"))
-    somewhere = nowhere.clone()
-    somewhere[:, 1] = torch.tensor([0.25, 0.75])
+    nowhere, somewhere = placements()
     with torch.no_grad():
         plain = model(x, t, ctx)
         torch.testing.assert_close(injector(x, t, ctx, None, somewhere), plain)  # zero weights: as before
