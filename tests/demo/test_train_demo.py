@@ -143,21 +143,29 @@ def test_the_last_edit_cycle_starts_from_the_one_before(quick_run, tmp_path):
     assert content_digest(again) == content_digest(out / DEMO_CHECKPOINT) != content_digest(first)
 
 
-def test_the_edit_stage_adds_the_image_injection_when_the_recipe_asks(quick_run, tmp_path):
-    """``edit_image_injection`` starts the edit cycles from the text-to-image checkpoint with the (zero)
-    injection added; the finetune trains it. Off (the shipped recipe), the edit checkpoint has none."""
+@pytest.mark.parametrize("option, value, start, grown", [
+    ("edit_image_injection", True, "t2i_injection.safetensors",
+     lambda model: model.dit.cfg.image_injection and model.dit.image_injection.weight.abs().sum() > 0),
+    ("edit_extra_blocks", 2, "t2i_deeper.safetensors",
+     lambda model: len(model.dit.blocks) == quick_recipe().dit_depth + 2
+     and model.dit.blocks[-1].modulation.weight.abs().sum() > 0)])
+def test_the_edit_stage_grows_the_dit_when_the_recipe_asks(quick_run, tmp_path, option, value, start, grown):
+    """``edit_image_injection`` and ``edit_extra_blocks`` start the edit cycles from the text-to-image checkpoint
+    with the (zero) injection or the (identity) blocks added; the finetune trains them. Off (the shipped recipe),
+    the edit checkpoint has the text-to-image DiT's layout."""
     from unifusion.checkpoint import load_model
     from unifusion.demo.stages import stage_edit
     from unifusion.train.cache import FeatureCache
 
     out, work = quick_run
-    assert not read_checkpoint_header(out / DEMO_CHECKPOINT).config.dit.image_injection
-    recipe = replace(quick_recipe(3), edit_image_injection=True)
+    shipped = read_checkpoint_header(out / DEMO_CHECKPOINT).config.dit
+    assert not shipped.image_injection and shipped.depth == quick_recipe().dit_depth
+    recipe = replace(quick_recipe(3), **{option: value})
     final = stage_edit(recipe, FeatureCache(work / "cache"), tmp_path, work / "t2i.safetensors",
                        tmp_path / "edit.safetensors")
-    assert read_checkpoint_header(tmp_path / "t2i_injection.safetensors").config.dit.image_injection
-    model, config = load_model(final)
-    assert config.dit.image_injection and model.dit.image_injection.weight.abs().sum() > 0
+    assert (tmp_path / start).is_file()
+    model, _ = load_model(final)
+    assert grown(model)
 
 
 def test_each_edit_cycle_trains_at_its_own_batch_size_and_learning_rate(quick_run):
@@ -178,11 +186,12 @@ def test_decoder_cycles_must_be_positive_step_counts(steps):
         replace(DemoRecipe(), decoder_steps=steps)
 
 
-@pytest.mark.parametrize("steps", [-1, 2.5, True])
-def test_t2i_steps_beside_the_worker_must_be_a_step_count(steps):
-    with pytest.raises(ValueError, match="t2i_steps_beside_worker"):
-        replace(DemoRecipe(), t2i_steps_beside_worker=steps)
-    assert replace(DemoRecipe(), t2i_steps_beside_worker=0).t2i_steps_beside_worker == 0
+@pytest.mark.parametrize("name", ["t2i_steps_beside_worker", "edit_extra_blocks"])
+@pytest.mark.parametrize("count", [-1, 2.5, True])
+def test_counts_of_steps_and_blocks_must_be_whole_and_not_negative(name, count):
+    with pytest.raises(ValueError, match=name):
+        replace(DemoRecipe(), **{name: count})
+    assert getattr(replace(DemoRecipe(), **{name: 0}), name) == 0
 
 
 @pytest.mark.parametrize("change, named", [({"edit_steps": ()}, "edit_steps"), ({"edit_repeat": (1, 0)}, "edit_repeat"),

@@ -19,7 +19,7 @@ from unifusion.flow import add_noise
 from unifusion.model import UniFusionModel
 from unifusion.train.cache import collate
 from unifusion.train.errors import TrainConfigError, TrainStateError
-from unifusion.train.export import export_release, with_image_injection
+from unifusion.train.export import export_release, with_extra_blocks, with_image_injection
 from unifusion.train.recipe import TrainConfig
 from unifusion.train.run import model_config_for_cache, train
 from unifusion.train.state import list_states
@@ -205,6 +205,34 @@ def test_with_image_injection_adds_a_zero_injection_that_an_edit_finetune_learns
                  progress=False)
     tuned, _ = load_model(export_release(edit.state_dir, tmp_path / "edit.safetensors", use_ema=False))
     assert tuned.dit.image_injection.weight.abs().sum() > 0
+
+
+def test_with_extra_blocks_adds_identity_blocks_that_an_edit_finetune_trains(cache, model_config,
+                                                                            tmp_path: Path) -> None:
+    Trainer(model_config, cache, replace(BASE, stage="t2i", steps=1), tmp_path / "t2i", progress=False).train()
+    release = export_release(tmp_path / "t2i", tmp_path / "t2i.safetensors")
+    deeper = with_extra_blocks(release, tmp_path / "deep.safetensors", 2, seed=3)
+    (base, _), (deep, config) = load_model(release), load_model(deeper)
+    depth = base.cfg.dit.depth
+    assert config.dit.depth == depth + 2
+    assert {name.split(".")[2] for name in set(deep.state_dict()) - set(base.state_dict())} == {str(depth), str(depth + 1)}
+    for name, value in base.state_dict().items():
+        assert torch.equal(deep.state_dict()[name], value), name
+    new_qkv = deep.dit.blocks[depth].attn.qkv.weight
+    assert new_qkv.std() > 0 and not deep.dit.blocks[depth].modulation.weight.any()
+    again, _ = load_model(with_extra_blocks(release, tmp_path / "again.safetensors", 2, seed=3))
+    assert torch.equal(again.dit.blocks[depth].attn.qkv.weight, new_qkv)  # the seed fixes the new weights
+    torch.manual_seed(0)
+    x, t = torch.randn(2, model_config.dit.in_channels, 4, 4), torch.tensor([0.3, 0.9])
+    context = torch.randn(2, 5, model_config.dit.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(deep.dit(x, t, context), base.dit(x, t, context))  # the identity until trained
+    with pytest.raises(ValueError, match="positive integer"):
+        with_extra_blocks(release, tmp_path / "none.safetensors", 0)
+    edit = train(cache.folder, tmp_path / "edit", None, replace(BASE, stage="edit", steps=2, init_from=str(deeper)),
+                 progress=False)
+    tuned, _ = load_model(export_release(edit.state_dir, tmp_path / "edit.safetensors", use_ema=False))
+    assert tuned.dit.blocks[depth + 1].modulation.weight.abs().sum() > 0
 
 
 def test_condition_lr_scale_moves_lap_slower_and_zero_freezes_it(cache, model_config, tmp_path: Path) -> None:

@@ -187,6 +187,12 @@ class DemoRecipe:
     # (identity 79%) against the shipped 55% (79%), reconstructed 76 of 96 validation scenes from one tile (77),
     # plain prompts exact 69% of 192 (76%); see "A direct path from each reference token" in the log.
     edit_image_injection: bool = False
+    # DiT blocks added after the last one when the edit finetune starts (`unifusion.train.export.with_extra_blocks`):
+    # each starts as the identity (adaLN-Zero), so text-to-image trains and draws as before, and each costs the edit
+    # steps about a quarter again. Off: 2 (both edit cycles from the shipped t2i checkpoint, 2026-12-06) edited 57% of
+    # 96 test edits exactly (identity 77%) against the shipped 55% (79%), reconstructed 73 of 96 validation scenes
+    # from one tile (77), plain prompts exact 73% of 192 (76%); see "More DiT for the edits" in the log.
+    edit_extra_blocks: int = 0
     # TrainConfig.edit_repeat: 1 keeps 1 edit in 4 samples (2,000 edits beside 6,000 t2i). 3 (1 in 2), from the
     # shipped text-to-image checkpoint: edits 15% -> 12.5% exact (identity 48% -> 52%), reconstruction from one
     # tile 25% -> 29% (31.7 -> 31.8 dB), plain prompts 98/86/96/100/75% -> 97/87/97/100/77%: within the noise.
@@ -233,9 +239,10 @@ class DemoRecipe:
         for name in ("decoder_steps", "edit_steps", "edit_repeat", "edit_batch_size"):
             per_cycle_values(name, (int,), "integers")
         per_cycle_values("edit_lr", (int, float), "learning rates")
-        if isinstance(self.t2i_steps_beside_worker, bool) or not isinstance(self.t2i_steps_beside_worker, int) \
-                or self.t2i_steps_beside_worker < 0:
-            raise ValueError(f"t2i_steps_beside_worker must be an integer >= 0, got {self.t2i_steps_beside_worker!r}")
+        for name in ("t2i_steps_beside_worker", "edit_extra_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         per_cycle = {name: getattr(self, name) for name in ("edit_steps", "edit_repeat", "edit_batch_size", "edit_lr")}
         if len({len(values) for values in per_cycle.values()}) > 1:
             raise ValueError(", ".join(f"{name} {values!r}" for name, values in per_cycle.items())

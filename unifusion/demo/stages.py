@@ -202,13 +202,18 @@ def stage_t2i(recipe: DemoRecipe, cache: Any, work: Path, name: str = "t2i", poo
 def stage_edit(recipe: DemoRecipe, cache: Any, work: Path, init: Path, out: Path) -> Path:
     """The edit finetune from the text-to-image checkpoint ``init``, one cycle after another
     (`edit_cycle`, training state in ``work/edit<n>``); the last writes the release checkpoint
-    ``out``, the others ``work/edit<n>.safetensors``. With ``recipe.edit_image_injection`` the
-    first cycle starts from a copy of ``init`` that has the (zero) injection added."""
+    ``out``, the others ``work/edit<n>.safetensors``. With ``recipe.edit_image_injection`` and
+    ``recipe.edit_extra_blocks`` the first cycle starts from a copy of ``init`` that has the (zero)
+    injection or the (identity) blocks added."""
     cycles = len(recipe.edit_steps)
     if recipe.edit_image_injection:
         from ..train.export import with_image_injection
 
         init = with_image_injection(init, work / "t2i_injection.safetensors")
+    if recipe.edit_extra_blocks:
+        from ..train.export import with_extra_blocks
+
+        init = with_extra_blocks(init, work / "t2i_deeper.safetensors", recipe.edit_extra_blocks, seed=recipe.seed)
     for cycle in range(cycles):
         init = edit_cycle(recipe, cache, work, cycle, init,
                           out if cycle == cycles - 1 else work / f"{_edit_name(cycle)}.safetensors")

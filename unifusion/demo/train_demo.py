@@ -137,7 +137,7 @@ STAGE_PARAMS = {
             "condition_lr_scale", "timestep_logit_mean", "warmup_steps", "ema_decay", "cond_dropout", "recon_prob",
             "verifi_prob", "loss_whitening", "dit_mixed_precision", "t2i_steps_beside_worker"),
     "edit": ("edit_steps", "edit_lr", "edit_mix_t2i", "edit_recon_prob", "edit_repeat", "edit_batch_size",
-             "timestep_logit_mean", "edit_image_injection"),
+             "timestep_logit_mean", "edit_image_injection", "edit_extra_blocks"),
     "decoder": ("decoder_steps", "decoder_lr", "decoder_bf16"),
     "ablation": ("ablation_steps",),
 }

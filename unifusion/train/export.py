@@ -11,12 +11,13 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import load_state_dict, save_checkpoint
-from ..config import UniFusionConfig
+from ..checkpoint import load_state_dict, read_checkpoint_header, save_checkpoint
+from ..config import DiTConfig, UniFusionConfig
 from ..model import UniFusionModel
 from .errors import TrainStateError
 from .lora import LoRA, add_lora, save_comfy_lora
@@ -84,17 +85,42 @@ def export_release(state: str | Path, out_path: str | Path, use_ema: bool = True
 def with_image_injection(checkpoint: str | Path, out_path: str | Path) -> Path:
     """A copy of a release checkpoint whose DiT gains `DiTConfig.image_injection`, zero-initialised, so
     it draws exactly what the original draws; a finetune from it (``init_from``) then learns the
-    injection. The demo's edit stage starts from such a copy of its text-to-image checkpoint."""
-    state, head = load_state_dict(checkpoint)
+    injection. The demo's edit stage can start from such a copy of its text-to-image checkpoint."""
+    head = read_checkpoint_header(checkpoint)
     if head.config.dit.image_injection:
         raise TrainStateError(f"{checkpoint} already has image_injection; finetune from it as it is")
-    config = replace(head.config, dit=replace(head.config.dit, image_injection=True))
-    model = UniFusionModel(config)  # the injection starts at zero (UniFusionDiT.initialize_weights)
-    missing = model.load_state_dict(state, strict=False).missing_keys
-    if missing != ["dit.image_injection.weight"]:
-        raise TrainStateError(f"{checkpoint} lacks weights besides the injection ({missing[:3]}); it is damaged")
+    return _grown_copy(checkpoint, out_path, replace(head.config.dit, image_injection=True),
+                       lambda name: name == "dit.image_injection.weight", "with_image_injection")
+
+
+def with_extra_blocks(checkpoint: str | Path, out_path: str | Path, blocks: int, seed: int = 0) -> Path:
+    """A copy of a release checkpoint whose DiT gains ``blocks`` blocks after its last one. Their
+    modulation starts at zero (adaLN-Zero), so each is the identity and the copy draws exactly what
+    the original draws; their attention and MLP weights are drawn from ``seed``. A finetune from it
+    (``init_from``) then trains a deeper DiT without first unlearning what the shallow one drew."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
+    dit = read_checkpoint_header(checkpoint).config.dit
+    added = tuple(f"dit.blocks.{i}." for i in range(dit.depth, dit.depth + blocks))
+    return _grown_copy(checkpoint, out_path, replace(dit, depth=dit.depth + blocks),
+                       lambda name: name.startswith(added), "with_extra_blocks", seed)
+
+
+def _grown_copy(checkpoint: str | Path, out_path: str | Path, dit: DiTConfig, is_new: Callable[[str], bool],
+                source: str, seed: int = 0) -> Path:
+    """Save ``checkpoint``'s weights into a model with the DiT config ``dit``; the tensors that only
+    the new model has (each must pass ``is_new``) keep their initialisation from ``seed``."""
+    state, head = load_state_dict(checkpoint)
+    config = replace(head.config, dit=dit)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = UniFusionModel(config)
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or not result.missing_keys or not all(map(is_new, result.missing_keys)):
+        damaged = result.unexpected_keys or [name for name in result.missing_keys if not is_new(name)]
+        raise TrainStateError(f"{checkpoint} does not fit its own config ({damaged[:3]}); it is damaged")
     return save_checkpoint(out_path, model.state_dict(), config,
-                           metadata={**head.metadata, "source": "unifusion.train.with_image_injection"})
+                           metadata={**head.metadata, "source": f"unifusion.train.{source}"})
 
 
 def export_lora(state: str | Path, out_path: str | Path, use_ema: bool = True) -> Path:
