@@ -215,7 +215,8 @@ def test_with_extra_blocks_adds_identity_blocks_that_an_edit_finetune_trains(cac
     (base, _), (deep, config) = load_model(release), load_model(deeper)
     depth = base.cfg.dit.depth
     assert config.dit.depth == depth + 2
-    assert {name.split(".")[2] for name in set(deep.state_dict()) - set(base.state_dict())} == {str(depth), str(depth + 1)}
+    added = {name.split(".")[2] for name in set(deep.state_dict()) - set(base.state_dict())}
+    assert added == {str(depth), str(depth + 1)}
     for name, value in base.state_dict().items():
         assert torch.equal(deep.state_dict()[name], value), name
     new_qkv = deep.dit.blocks[depth].attn.qkv.weight
@@ -328,12 +329,27 @@ def test_fused_optimizer_takes_the_same_steps_up_to_rounding(cache, model_config
 
 
 def test_compile_without_a_cpp_compiler_names_the_fix(monkeypatch) -> None:
-    """A CPU run needs the C++ compiler even where a GPU is present; a CUDA run is not checked here."""
+    """A CPU run needs the C++ compiler even where a GPU is present; a CUDA run needs Triton and a C compiler."""
+    import importlib.util
+
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(TrainConfigError, match="C\\+\\+ compiler.*apt install g\\+\\+.*compile off"):
         check_compiler(torch.device("cpu"))
-    check_compiler(torch.device("cuda", 0))
+    real_find_spec = importlib.util.find_spec
+
+    def triton_spec(found):
+        return lambda name, *args: found if name == "triton" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", triton_spec(None))
+    with pytest.raises(TrainConfigError, match="triton package.*pip install triton.*compile off"):
+        check_compiler(torch.device("cuda", 0))
+    monkeypatch.setattr(importlib.util, "find_spec", triton_spec(object()))
+    with pytest.raises(TrainConfigError, match="C compiler.*apt install gcc.*compile off"):
+        check_compiler(torch.device("cuda", 0))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
+    check_compiler(torch.device("cuda", 0))  # Triton and gcc: nothing missing
+    check_compiler(torch.device("mps"))  # other devices are not checked
 
 
 @pytest.mark.needs_cpp_compiler

@@ -96,15 +96,27 @@ def has_cpp_compiler() -> bool:
 
 
 def check_compiler(device: torch.device) -> None:
-    """torch.compile's CPU kernels are C++ that inductor builds at the first step: say so before training.
-    Only a run on the CPU needs one (a CPU run on a machine with a GPU too); on a CUDA device inductor
-    writes Triton kernels, whose toolchain this does not check."""
-    if device.type != "cpu":
-        return
-    if not has_cpp_compiler():
+    """torch.compile builds its kernels at the first step: say what is missing before training. On the
+    CPU (also a CPU run on a machine with a GPU) inductor writes C++, which needs a C++ compiler; on a
+    CUDA device it writes Triton kernels, which need the triton package and a C compiler for the
+    launcher Triton builds per kernel."""
+    import importlib.util
+    import shutil
+
+    if device.type == "cpu" and not has_cpp_compiler():
         raise TrainConfigError("TrainConfig.compile needs a C++ compiler on PATH for torch.compile's CPU kernels "
                                "(none of g++, clang++, c++ found): install one (e.g. apt install g++) or turn "
                                "compile off")
+    if device.type != "cuda":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise TrainConfigError("TrainConfig.compile on a CUDA device needs the triton package for torch.compile's "
+                               "GPU kernels: pip install triton (the CUDA builds of torch on Linux bring it) or "
+                               "turn compile off")
+    if not any(shutil.which(name) for name in ("gcc", "clang", "cc")):
+        raise TrainConfigError("TrainConfig.compile on a CUDA device needs a C compiler on PATH (none of gcc, "
+                               "clang, cc found) for the launcher Triton builds per kernel: install one (e.g. "
+                               "apt install gcc) or turn compile off")
 
 
 def parameter_groups(module: TrainingModel, config: TrainConfig) -> list[dict[str, Any]]:
