@@ -122,6 +122,12 @@ class UniFusionPipeline:
         else:
             features = encode(self.vlm, prompt, images, max_tiles=max_tiles, system_prompt=system_prompt,
                               progress=progress)
+        return self.condition(features, rewritten, layer_gains)
+
+    def condition(self, features: VLMFeatures, rewritten: Optional[str] = None,
+                  layer_gains: Optional[Sequence[float]] = None) -> Condition:
+        """Condition tokens of captured VLM features (LAP + refiner once), with the frame positions of
+        their image tokens; ``rewritten`` is the Verifi text they are the states of, if any."""
         tokens, mask = condition_from_features(self.model, features, layer_gains)
         return Condition(tokens, mask, rewritten, features.condition_positions().to(tokens.device))
 

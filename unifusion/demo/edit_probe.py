@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..pipeline import Condition, condition_from_features
+from ..pipeline import Condition
 from ..vlm.verifi import forced_rewrite
 from .grammar import sample_edits
 from .scorer import edit_success, identity_preserved
@@ -59,8 +59,7 @@ def _condition(pipe: Any, path: str, sample: Any, reference: Any, index: int) ->
         return pipe.encode(sample.instruction, [reference], verifi=path == "verifi", seed=index)
     with torch.no_grad():
         features = forced_rewrite(pipe.vlm, sample.instruction, sample.detailed, [reference]).features
-    tokens, mask = condition_from_features(pipe.model, features)
-    return Condition(tokens, mask, sample.detailed, features.condition_positions().to(tokens.device))
+    return pipe.condition(features, sample.detailed)
 
 
 def names_target(rewrite: Optional[str], target: Any) -> float:
