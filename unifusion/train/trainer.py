@@ -18,8 +18,10 @@ raised by a callback (after a finished step) also saves.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -88,11 +90,14 @@ def compiled_forward(module: nn.Module, device: torch.device) -> Callable[..., T
     return torch.compile(module, dynamic=True, options={"cpp.dynamic_threads": True})
 
 
+def on_path(*names: str) -> bool:
+    """Whether any of the programs ``names`` is on PATH."""
+    return any(shutil.which(name) for name in names)
+
+
 def has_cpp_compiler() -> bool:
     """Whether a C++ compiler is on PATH, which torch.compile's CPU kernels need (inductor builds them)."""
-    import shutil
-
-    return any(shutil.which(name) for name in ("g++", "clang++", "c++"))
+    return on_path("g++", "clang++", "c++")
 
 
 def check_compiler(device: torch.device) -> None:
@@ -100,9 +105,6 @@ def check_compiler(device: torch.device) -> None:
     CPU (also a CPU run on a machine with a GPU) inductor writes C++, which needs a C++ compiler; on a
     CUDA device it writes Triton kernels, which need the triton package and a C compiler for the
     launcher Triton builds per kernel."""
-    import importlib.util
-    import shutil
-
     if device.type == "cpu" and not has_cpp_compiler():
         raise TrainConfigError("TrainConfig.compile needs a C++ compiler on PATH for torch.compile's CPU kernels "
                                "(none of g++, clang++, c++ found): install one (e.g. apt install g++) or turn "
@@ -113,7 +115,7 @@ def check_compiler(device: torch.device) -> None:
         raise TrainConfigError("TrainConfig.compile on a CUDA device needs the triton package for torch.compile's "
                                "GPU kernels: pip install triton (the CUDA builds of torch on Linux bring it) or "
                                "turn compile off")
-    if not any(shutil.which(name) for name in ("gcc", "clang", "cc")):
+    if not on_path("gcc", "clang", "cc"):
         raise TrainConfigError("TrainConfig.compile on a CUDA device needs a C compiler on PATH (none of gcc, "
                                "clang, cc found) for the launcher Triton builds per kernel: install one (e.g. "
                                "apt install gcc) or turn compile off")
